@@ -1,0 +1,1 @@
+"""Mix-GRPO: the algorithm, the loop, the CLI."""
