@@ -1,1 +1,18 @@
+"""Reward plugins: videos [B, T, C, H, W] in [0, 1] + prompts in, one float score per video out.
 
+``import rewards`` stays light: model-based rewards import open_clip / transformers inside their loaders.
+"""
+
+from rewards.base import FunctionReward, PerFrameReward, Reward, TRLReward
+from rewards.registry import ENTRY_POINT_GROUP, available, build, register_reward
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "FunctionReward",
+    "PerFrameReward",
+    "Reward",
+    "TRLReward",
+    "available",
+    "build",
+    "register_reward",
+]
