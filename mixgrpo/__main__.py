@@ -1,0 +1,5 @@
+import sys
+
+from mixgrpo.cli import main
+
+sys.exit(main())

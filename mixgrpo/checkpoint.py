@@ -1,0 +1,164 @@
+"""Atomic, verifiable training checkpoints.
+
+A checkpoint is a folder ``checkpoints/iter_NNNNNN/`` with tensors in safetensors, the optimizer state and RNG states
+in ``torch.save`` files (read back with ``weights_only=True``), a ``state.json`` and, written last, a
+``manifest.json`` holding the SHA-256 of every other file. The folder is assembled under a temporary name and
+renamed into place, so a crash leaves either a complete checkpoint or an ignored temporary folder. On load, a
+checkpoint whose manifest is missing or does not match is skipped with a warning and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "manifest.json"
+PREFIX = "iter_"
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    iteration: int
+    tensors: dict[str, dict[str, torch.Tensor]]
+    """safetensors groups, e.g. ``{"model": {...}, "ema": {...}}``."""
+    objects: dict[str, Any]
+    """torch.save groups, e.g. ``{"optimizer": state_dict, "rng": {...}}``."""
+    state: dict[str, Any]
+    """JSON-serialisable trainer state (iteration, window scheduler, ...)."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checkpoint_dir(root: Path, iteration: int) -> Path:
+    return Path(root) / f"{PREFIX}{iteration:06d}"
+
+
+def save_checkpoint(
+    root: str | Path,
+    iteration: int,
+    *,
+    tensors: dict[str, dict[str, torch.Tensor]],
+    objects: dict[str, Any],
+    state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write checkpoint ``iteration`` atomically under ``root`` and keep only the newest ``keep`` ones."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_dir(root, iteration)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    files = []
+    for group, tensor_dict in tensors.items():
+        name = f"{group}.safetensors"
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensor_dict.items()}, str(tmp / name))
+        files.append(name)
+    for group, obj in objects.items():
+        name = f"{group}.pt"
+        torch.save(obj, tmp / name)
+        files.append(name)
+    (tmp / "state.json").write_text(json.dumps({"iteration": iteration, **state}, indent=1))
+    files.append("state.json")
+    manifest = {"iteration": iteration, "files": {name: _sha256(tmp / name) for name in files}}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same iteration after a resume: replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    _prune(root, keep)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    for child in path.iterdir() if path.is_dir() else []:
+        if child.is_file():
+            with open(child, "rb") as handle:
+                os.fsync(handle.fileno())
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete-looking checkpoint folders, oldest first (temporary folders are ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def _prune(root: Path, keep: int) -> None:
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in root.glob(".tmp-*"):
+        if tmp.is_dir() and not tmp.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None if the checkpoint is complete and intact, else what is wrong with it."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return "manifest.json is missing (the checkpoint was not finished)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as error:
+        return f"manifest.json is unreadable ({error})"
+    for name, digest in manifest.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if _sha256(file) != digest:
+            return f"{name} does not match its checksum (corrupt or half-written)"
+    return None
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise ValueError(f"checkpoint {path} is not usable: {problem}")
+    manifest = json.loads((path / MANIFEST).read_text())
+    tensors, objects = {}, {}
+    for name in manifest["files"]:
+        if name.endswith(".safetensors"):
+            tensors[name[: -len(".safetensors")]] = load_file(str(path / name))
+        elif name.endswith(".pt"):
+            objects[name[: -len(".pt")]] = torch.load(path / name, weights_only=True, map_location="cpu")
+    state = json.loads((path / "state.json").read_text())
+    return Checkpoint(path=path, iteration=int(state["iteration"]), tensors=tensors, objects=objects, state=state)
+
+
+def load_latest_checkpoint(root: str | Path) -> Checkpoint | None:
+    """The newest intact checkpoint under ``root``; broken newer ones are skipped with a warning."""
+    for path in reversed(list_checkpoints(root)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return read_checkpoint(path)
+        warnings.warn(f"skipping checkpoint {path.name}: {problem}; falling back to the previous one", stacklevel=2)
+    return None

@@ -1,0 +1,382 @@
+"""Experiment configuration: typed keyword-only dataclasses, YAML files and dotted ``key=value`` overrides.
+
+Every section is validated when it is built, and every message names the field and says how to fix it. The
+resolved configuration is written into each run directory (``config.yaml``) and is what ``--resume`` reads back.
+
+    cfg = load_config("experiments/quickstart.yaml", ["train.iterations=10", "sampler.eta=0.5"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field and the fix."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(kw_only=True)
+class PolicyConfig:
+    """Which policy to post-train."""
+
+    kind: Literal["toy", "wan"] = "toy"
+    """``toy``: the embedded toy world (tiny OSP-Next in pixel space); ``wan``: OSP-Next / Wan2.1 from local folders."""
+    weights: str | None = None
+    """toy: a safetensors file of a pretrained toy base (default: the one shipped with the library)."""
+    model_dir: str | None = None
+    """wan: a diffusers-format Wan2.1 folder with transformer/, text_encoder/, tokenizer/, vae/."""
+    transformer_path: str | None = None
+    text_encoder_path: str | None = None
+    vae_path: str | None = None
+    num_frames: int = 81
+    height: int = 720
+    width: int = 1280
+    layout: str = "dual_end"
+    """OSP-Next attention layout for the wan policy: ``full`` or ``dual_end``."""
+    num_full_blocks: int = 8
+    sparse_ratio: int = 2
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind == "wan":
+            _require(
+                self.model_dir is not None or self.transformer_path is not None,
+                "policy.model_dir (or policy.transformer_path) is required when policy.kind=wan: "
+                "point it at a local diffusers-format Wan2.1 folder",
+            )
+        _require(self.kind in ("toy", "wan"), f"policy.kind must be 'toy' or 'wan', got {self.kind!r}")
+        _require(self.sparse_ratio >= 1, f"policy.sparse_ratio must be >= 1, got {self.sparse_ratio}")
+
+
+@dataclass(kw_only=True)
+class PromptConfig:
+    """Where training prompts come from."""
+
+    source: str = "toy"
+    """``toy`` (the toy world's training captions) or a text file with one prompt per line."""
+    eval_source: str | None = None
+    """Prompts for the sample videos; default: the toy world's held-out captions, or the training prompts."""
+
+    def __post_init__(self) -> None:
+        if self.source != "toy":
+            _require(Path(self.source).is_file(), f"prompts.source: no such prompt file {self.source!r}; "
+                     "give a text file with one prompt per line, or 'toy'")
+
+
+@dataclass(kw_only=True)
+class SamplerConfig:
+    """The mixed SDE/ODE sampler."""
+
+    num_steps: int = 10
+    shift: float = 1.0
+    """Time shift of the sigma schedule (Wan / OSP-Next RL uses 7.5 at 720P)."""
+    guidance_scale: float = 2.0
+    eta: float = 0.7
+    """SDE noise level (Flow-GRPO sigma_t = eta * sqrt(sigma / (1 - sigma)))."""
+    sde_kind: Literal["flow_grpo", "dance_grpo", "cps"] = "flow_grpo"
+    post_window: Literal["euler", "dpm2m"] = "euler"
+    """ODE solver after the window: Euler, or DPM-Solver++ 2M (MixGRPO-Flash)."""
+    post_window_ratio: float = 1.0
+    """Fraction of the post-window steps kept (Flash 0.4, Flash* 0.2); 1.0 keeps all."""
+
+    def __post_init__(self) -> None:
+        _require(self.num_steps >= 2, f"sampler.num_steps must be >= 2, got {self.num_steps}")
+        _require(self.shift > 0, f"sampler.shift must be > 0, got {self.shift}")
+        _require(self.eta >= 0, f"sampler.eta must be >= 0, got {self.eta}")
+        _require(self.guidance_scale >= 0, f"sampler.guidance_scale must be >= 0 (1.0 or 0 disables CFG), got {self.guidance_scale}")
+        _require(0 < self.post_window_ratio <= 1, f"sampler.post_window_ratio must be in (0, 1], got {self.post_window_ratio}")
+
+
+@dataclass(kw_only=True)
+class WindowConfig:
+    """Which denoising steps are SDE (and trained) at each iteration."""
+
+    kind: Literal["progressive", "frozen", "random", "decay", "exp_decay"] = "progressive"
+    size: int = 4
+    """Window size w: SDE steps per rollout. Set it to sampler.num_steps for DanceGRPO-style SDE everywhere."""
+    start: int = 0
+    shift_interval: int = 25
+    """tau: iterations between window moves (progressive)."""
+    stride: int = 1
+    """s: steps the window moves each time (progressive)."""
+    roll_back: bool = True
+    max_shift_interval: int = 10
+    """decay: tau at the first window position."""
+    min_shift_interval: int = 1
+    """decay: tau at the last window position."""
+    decay_rate: float = 0.1
+    """exp_decay: k in tau(l) = ceil(tau0 * exp(-k * relu(l - threshold)))."""
+    decay_threshold: int = 13
+    train_fraction: float = 1.0
+    """Fraction of the window's steps trained (DanceGRPO trains a random 60% of all steps)."""
+
+    def __post_init__(self) -> None:
+        _require(self.size >= 1, f"window.size must be >= 1, got {self.size}")
+        _require(self.start >= 0, f"window.start must be >= 0, got {self.start}")
+        _require(self.shift_interval >= 1, f"window.shift_interval must be >= 1, got {self.shift_interval}")
+        _require(0 < self.train_fraction <= 1, f"window.train_fraction must be in (0, 1], got {self.train_fraction}")
+
+
+@dataclass(kw_only=True)
+class RewardSpec:
+    name: str
+    weight: float = 1.0
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(math.isfinite(self.weight), f"rewards[{self.name}].weight must be finite, got {self.weight}")
+
+
+@dataclass(kw_only=True)
+class AdvantageConfig:
+    std: Literal["group", "global"] = "group"
+    """Normalise by the std of each prompt group (MixGRPO, DanceGRPO) or of the whole batch (Flow-GRPO)."""
+    aggregation: Literal["advantage", "reward"] = "advantage"
+    """Combine rewards after (``advantage``) or before (``reward``) normalisation."""
+    clip: float = 5.0
+    eps: float = 1e-4
+
+    def __post_init__(self) -> None:
+        _require(self.clip > 0, f"advantages.clip must be > 0, got {self.clip}")
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    enabled: bool = False
+    rank: int = 32
+    alpha: float = 64.0
+    targets: list[str] = field(default_factory=lambda: ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+                                                         "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o"])
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 1, f"learner.lora.rank must be >= 1, got {self.rank}")
+
+
+@dataclass(kw_only=True)
+class LearnerConfig:
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    optimizer_steps: int = 2
+    """Optimizer steps per rollout batch (the batch is split into this many minibatches)."""
+    micro_batch_size: int = 8
+    """Samples per forward/backward pass while recomputing log-probs."""
+    clip_range: float = 1e-3
+    kl_coeff: float = 0.0
+    kl_reference: Literal["lora_disabled", "frozen_copy"] = "lora_disabled"
+    ema_decay: float = 0.0
+    """0 disables the EMA of trainable weights."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    quantization: Literal["none", "hif8"] = "none"
+    """``hif8``: HiF8 fake-quantized forward and backward in rollout and learner alike."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = _build(LoraConfig, self.lora, "learner.lora")
+        self.betas = tuple(self.betas)  # YAML gives lists
+        _require(self.lr > 0, f"learner.lr must be > 0, got {self.lr}")
+        _require(self.optimizer_steps >= 1, f"learner.optimizer_steps must be >= 1, got {self.optimizer_steps}")
+        _require(self.micro_batch_size >= 1, f"learner.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        _require(self.clip_range > 0, f"learner.clip_range must be > 0, got {self.clip_range}")
+        _require(self.kl_coeff >= 0, f"learner.kl_coeff must be >= 0, got {self.kl_coeff}")
+        _require(0 <= self.ema_decay < 1, f"learner.ema_decay must be in [0, 1), got {self.ema_decay}")
+        _require(self.kl_coeff == 0 or self.kl_reference != "lora_disabled" or self.lora.enabled,
+                 "learner.kl_reference=lora_disabled needs learner.lora.enabled=true; "
+                 "set learner.kl_reference=frozen_copy to use a frozen copy of the base instead")
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    backend: Literal["local", "ray"] = "local"
+    num_workers: int = 1
+    sp_size: int = 1
+    prompts_per_iteration: int = 4
+    group_size: int = 4
+    """Videos per prompt (the GRPO group); they share their initial noise."""
+    batch_size: int = 16
+    """Videos sampled together in one batched forward."""
+
+    def __post_init__(self) -> None:
+        _require(self.group_size >= 2, f"rollout.group_size must be >= 2 for group-relative advantages, got {self.group_size}")
+        _require(self.prompts_per_iteration >= 1, f"rollout.prompts_per_iteration must be >= 1, got {self.prompts_per_iteration}")
+        _require(self.num_workers >= 1, f"rollout.num_workers must be >= 1, got {self.num_workers}")
+        _require(self.sp_size >= 1, f"rollout.sp_size must be >= 1, got {self.sp_size}")
+        _require(self.batch_size >= 1, f"rollout.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    iterations: int = 40
+    seed: int = 0
+    device: str = "auto"
+    """``auto`` (cuda if available), ``cpu``, ``cuda``, ``cuda:1`` ..."""
+    threads: int = 0
+    """torch CPU threads (0: torch's default)."""
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+    video_every: int = 0
+    """Write sample mp4s every N iterations (0: only at the start and the end)."""
+    num_videos: int = 4
+    on_reward_error: Literal["raise", "drop"] = "raise"
+
+    def __post_init__(self) -> None:
+        _require(self.iterations >= 1, f"train.iterations must be >= 1, got {self.iterations}")
+        _require(self.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        _require(self.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        _require(self.video_every >= 0, f"train.video_every must be >= 0, got {self.video_every}")
+
+
+@dataclass(kw_only=True)
+class ExperimentConfig:
+    name: str = "experiment"
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    window: WindowConfig = field(default_factory=WindowConfig)
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(name="toy_fidelity")])
+    advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _require(len(self.rewards) >= 1, "rewards: give at least one reward, e.g. rewards=[{name: toy_fidelity}]")
+        names = [r.name for r in self.rewards]
+        _require(len(set(names)) == len(names), f"rewards: names must be unique, got {names}")
+        _require(sum(r.weight for r in self.rewards) > 0, f"rewards: weights must sum to > 0, got {[r.weight for r in self.rewards]}")
+        last_step = self.sampler.num_steps - 1
+        _require(self.window.size <= self.sampler.num_steps,
+                 f"window.size ({self.window.size}) must be <= sampler.num_steps ({self.sampler.num_steps})")
+        _require(self.window.start + self.window.size <= self.sampler.num_steps,
+                 f"window.start + window.size ({self.window.start + self.window.size}) must be <= sampler.num_steps "
+                 f"({self.sampler.num_steps}); the last window step index is {last_step}")
+        if self.learner.quantization == "hif8":
+            _require(self.learner.mixed_precision != "fp16", "learner.quantization=hif8 runs in bf16 or fp32; set learner.mixed_precision=bf16 or no")
+
+    @property
+    def samples_per_iteration(self) -> int:
+        return self.rollout.prompts_per_iteration * self.rollout.group_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---- building dataclasses from plain dicts, with helpful errors ----
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        _require(isinstance(value, dict), f"{where} must be a mapping of {annotation.__name__} fields, got {value!r}")
+        return _build(annotation, value, where)
+    if origin is list and args and dataclasses.is_dataclass(args[0]):
+        _require(isinstance(value, list), f"{where} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is Literal:
+        _require(value in args, f"{where} must be one of {list(args)}, got {value!r}")
+        return value
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if annotation in (int, float):
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), f"{where} must be a number, got {value!r}")
+    if annotation is bool:
+        _require(isinstance(value, bool), f"{where} must be true or false, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    types = _field_types(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1)
+            fix = f"did you mean {where}.{hint[0]}?" if hint else f"valid keys: {', '.join(known)}"
+            raise ConfigError(f"unknown config key {where}.{key}; {fix}")
+        kwargs[key] = _coerce(value, types[key], f"{where}.{key}")
+    try:
+        return cls(**kwargs)
+    except TypeError as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def config_from_dict(values: dict[str, Any]) -> ExperimentConfig:
+    return _build(ExperimentConfig, values, "config")
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        _require(isinstance(child, dict), f"override {dotted}: {key} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["train.iterations=10", "rewards=[{name: toy_fidelity}]"]`` -> nested dict (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        _require(bool(sep) and bool(key), f"override {item!r} must look like section.key=value, e.g. train.iterations=10")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        _require(path.is_file(), f"config file {str(path)!r} does not exist; run without CONFIG for the quickstart")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        _require(isinstance(loaded, dict), f"config file {str(path)!r} must hold a mapping at the top level")
+        values = loaded
+    return config_from_dict(_merge(values, parse_overrides(list(overrides))))
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
