@@ -309,24 +309,29 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     types = _field_types(cls)
     known = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
+    _require(isinstance(values, dict), f"{where or 'the config'} must be a mapping, got {values!r}")
     for key, value in values.items():
         if key not in known:
             hint = difflib.get_close_matches(key, known, n=1)
-            fix = f"did you mean {where}.{hint[0]}?" if hint else f"valid keys: {', '.join(known)}"
-            raise ConfigError(f"unknown config key {where}.{key}; {fix}")
-        kwargs[key] = _coerce(value, types[key], f"{where}.{key}")
+            fix = f"did you mean {_join(where, hint[0])}?" if hint else f"valid keys: {', '.join(known)}"
+            raise ConfigError(f"unknown config key {_join(where, key)}; {fix}")
+        kwargs[key] = _coerce(value, types[key], _join(where, key))
     try:
         return cls(**kwargs)
     except TypeError as error:
-        raise ConfigError(f"{where}: {error}") from None
+        raise ConfigError(f"{where or 'config'}: {error}") from None
 
 
 def config_from_dict(values: dict[str, Any]) -> ExperimentConfig:
-    return _build(ExperimentConfig, values, "config")
+    return _build(ExperimentConfig, values, "")
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -1,0 +1,90 @@
+"""Config validation messages and checkpoint atomicity / corruption fallback."""
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixgrpo.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
+from mixgrpo.config import ConfigError, config_from_dict, dump_config, load_config, parse_overrides
+from mixgrpo.cli import quickstart_path
+
+
+def test_quickstart_config_loads_and_round_trips(tmp_path):
+    cfg = load_config(quickstart_path())
+    again = tmp_path / "config.yaml"
+    again.write_text(dump_config(cfg))
+    assert load_config(again) == cfg
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(None, ["train.iterations=7", "sampler.eta=0.5", "rewards=[{name: a, weight: 2}]",
+                             "learner.lora.enabled=true"])
+    assert cfg.train.iterations == 7 and cfg.sampler.eta == 0.5
+    assert cfg.rewards[0].name == "a" and cfg.rewards[0].weight == 2.0
+    assert cfg.learner.lora.enabled is True
+    assert parse_overrides(["a.b.c=1"]) == {"a": {"b": {"c": 1}}}
+
+
+@pytest.mark.parametrize(
+    "values, words",
+    [
+        ({"train": {"iterashuns": 3}}, ["train.iterashuns", "did you mean train.iterations"]),
+        ({"train": {"iterations": 0}}, ["train.iterations", ">= 1"]),
+        ({"sampler": {"num_steps": 10}, "window": {"size": 12}}, ["window.size", "sampler.num_steps"]),
+        ({"rollout": {"group_size": 1}}, ["rollout.group_size", ">= 2"]),
+        ({"window": {"kind": "sliding"}}, ["window.kind", "progressive"]),
+        ({"learner": {"kl_coeff": 0.1}}, ["kl_reference", "frozen_copy"]),
+        ({"rewards": [{"name": "x"}, {"name": "x"}]}, ["unique"]),
+        ({"policy": {"kind": "wan"}}, ["policy.model_dir"]),
+        ({"train": {"seed": "abc"}}, ["train.seed", "number"]),
+    ],
+)
+def test_bad_values_name_the_field_and_the_fix(values, words):
+    with pytest.raises(ConfigError) as error:
+        config_from_dict(values)
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_overrides(["iterations"])
+
+
+def _save(root, iteration, value):
+    return save_checkpoint(root, iteration, tensors={"model": {"w": torch.full((3,), float(value))}},
+                           objects={"rng": {"torch": torch.get_rng_state()}}, state={"window": {"start": value}}, keep=2)
+
+
+def test_checkpoints_keep_the_newest_and_round_trip(tmp_path):
+    for it in (1, 2, 3):
+        _save(tmp_path, it, it)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["iter_000002", "iter_000003"]
+    ckpt = load_latest_checkpoint(tmp_path)
+    assert ckpt.iteration == 3 and ckpt.state["window"] == {"start": 3}
+    assert torch.equal(ckpt.tensors["model"]["w"], torch.full((3,), 3.0))
+    assert torch.equal(ckpt.objects["rng"]["torch"], torch.get_rng_state())
+
+
+@pytest.mark.parametrize("damage", ["truncate", "no_manifest"])
+def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, damage):
+    _save(tmp_path, 1, 1)
+    latest = _save(tmp_path, 2, 2)
+    if damage == "truncate":
+        blob = latest / "model.safetensors"
+        blob.write_bytes(blob.read_bytes()[:20])
+    else:
+        (latest / "manifest.json").unlink()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ckpt = load_latest_checkpoint(tmp_path)
+    assert ckpt.iteration == 1
+    assert any("iter_000002" in str(w.message) for w in caught)
+
+
+def test_half_written_temporary_folder_is_ignored(tmp_path):
+    _save(tmp_path, 1, 1)
+    (tmp_path / ".tmp-iter_000002-999").mkdir()
+    assert load_latest_checkpoint(tmp_path).iteration == 1
