@@ -198,9 +198,9 @@ def cps_sde_step(
 
 
 SDE_STEPS: dict[str, SDEStep] = {
-    "flow": flow_sde_step,
-    "dance": dance_sde_step,
-    "osp": osp_sde_step,
+    "flow_grpo": flow_sde_step,
+    "dance_grpo": dance_sde_step,
+    "osp_next": osp_sde_step,
     "cps": cps_sde_step,
 }
 

@@ -136,7 +136,7 @@ def test_eta_zero_flow_step_is_euler():
 
 
 def test_get_sde_step_names_the_options():
-    assert sde.get_sde_step("flow") is sde.flow_sde_step
+    assert sde.get_sde_step("flow_grpo") is sde.flow_sde_step
     with pytest.raises(ValueError, match="choose one of"):
         sde.get_sde_step("ddim")
 
