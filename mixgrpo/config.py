@@ -87,7 +87,8 @@ class SamplerConfig:
     guidance_scale: float = 2.0
     eta: float = 0.7
     """SDE noise level (Flow-GRPO sigma_t = eta * sqrt(sigma / (1 - sigma)))."""
-    sde_kind: Literal["flow_grpo", "dance_grpo", "cps"] = "flow_grpo"
+    sde_kind: Literal["flow_grpo", "dance_grpo", "osp_next", "cps"] = "flow_grpo"
+    """Stochastic step: Flow-GRPO, DanceGRPO (constant noise), OSP-Next release (std = sigma), or CPS."""
     post_window: Literal["euler", "dpm2m"] = "euler"
     """ODE solver after the window: Euler, or DPM-Solver++ 2M (MixGRPO-Flash)."""
     post_window_ratio: float = 1.0
@@ -261,12 +262,14 @@ class ExperimentConfig:
         names = [r.name for r in self.rewards]
         _require(len(set(names)) == len(names), f"rewards: names must be unique, got {names}")
         _require(sum(r.weight for r in self.rewards) > 0, f"rewards: weights must sum to > 0, got {[r.weight for r in self.rewards]}")
-        last_step = self.sampler.num_steps - 1
-        _require(self.window.size <= self.sampler.num_steps,
-                 f"window.size ({self.window.size}) must be <= sampler.num_steps ({self.sampler.num_steps})")
-        _require(self.window.start + self.window.size <= self.sampler.num_steps,
-                 f"window.start + window.size ({self.window.start + self.window.size}) must be <= sampler.num_steps "
-                 f"({self.sampler.num_steps}); the last window step index is {last_step}")
+        # The last sampler step lands on sigma = 0, where the SDE has no noise: windows cover steps 0..num_steps-2.
+        coverable = self.sampler.num_steps - 1
+        _require(self.window.size <= coverable,
+                 f"window.size ({self.window.size}) must be <= sampler.num_steps - 1 ({coverable}); the final step "
+                 "is always an ODE step. Lower window.size or raise sampler.num_steps")
+        _require(self.window.start + self.window.size <= coverable,
+                 f"window.start + window.size ({self.window.start + self.window.size}) must be <= sampler.num_steps - 1 "
+                 f"({coverable}); lower window.start")
         if self.learner.quantization == "hif8":
             _require(self.learner.mixed_precision != "fp16", "learner.quantization=hif8 runs in bf16 or fp32; set learner.mixed_precision=bf16 or no")
 

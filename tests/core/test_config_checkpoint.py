@@ -88,3 +88,24 @@ def test_half_written_temporary_folder_is_ignored(tmp_path):
     _save(tmp_path, 1, 1)
     (tmp_path / ".tmp-iter_000002-999").mkdir()
     assert load_latest_checkpoint(tmp_path).iteration == 1
+
+
+@pytest.mark.parametrize("name", ["osp_next_14b_videoalign.yaml", "wan1.3b_mixgrpo.yaml"])
+def test_shipped_experiment_configs_load(tmp_path, name):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    path = Path(quickstart_path()).parent / name
+    with pytest.raises(ConfigError, match="policy.model_dir"):
+        load_config(path, [f"prompts.source={prompts}"])
+    cfg = load_config(path, [f"prompts.source={prompts}", f"policy.model_dir={tmp_path}"])
+    assert cfg.policy.kind == "wan" and cfg.sampler.num_steps == 25
+
+
+def test_osp_next_recipe_numbers():
+    """The OSP-Next recipe as the release code runs it (reference/osp_next.md section 5.2)."""
+    cfg = load_config(Path(quickstart_path()).parent / "osp_next_14b_videoalign.yaml",
+                      ["policy.model_dir=x", "prompts.source=toy"])
+    assert (cfg.learner.lora.rank, cfg.learner.lora.alpha) == (32, 64.0)
+    assert (cfg.window.kind, cfg.window.start, cfg.window.size) == ("frozen", 0, 10)
+    assert (cfg.sampler.shift, cfg.sampler.guidance_scale, cfg.rollout.group_size) == (7.5, 5.0, 4)
+    assert (cfg.learner.clip_range, cfg.learner.kl_coeff) == (1e-4, 0.004)
