@@ -117,11 +117,14 @@ class UMT5TextEncoder(nn.Module):
         if tokenizer_path is None:
             root = Path(path).expanduser()
             tokenizer_dir = root / "tokenizer" if (root / "tokenizer").is_dir() else encoder_dir
-            tokenizer_field = field
+            if not any((tokenizer_dir / name).is_file() for name in _TOKENIZER_FILES):
+                raise ValueError(
+                    f"{field}: no tokenizer in '{tokenizer_dir}' (looked for {', '.join(_TOKENIZER_FILES)}); set "
+                    "tokenizer_path to the UMT5 tokenizer folder (a diffusers Wan2.1 model's tokenizer/ subfolder)"
+                )
         else:
             tokenizer_dir = resolve_component_dir(tokenizer_path, "tokenizer", what="tokenizer", field="tokenizer_path")
-            tokenizer_field = "tokenizer_path"
-        require_any_file(tokenizer_dir, _TOKENIZER_FILES, what="tokenizer", field=tokenizer_field)
+            require_any_file(tokenizer_dir, _TOKENIZER_FILES, what="tokenizer", field="tokenizer_path")
         encoder = UMT5EncoderModel.from_pretrained(encoder_dir, dtype=dtype, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
         return cls(encoder=encoder.to(device), tokenizer=tokenizer, max_length=max_length)

@@ -31,6 +31,39 @@ def denormalize_latents(latents_BCTHW: torch.Tensor, mean_C: torch.Tensor, std_C
     return latents_BCTHW * std_C.view(1, -1, 1, 1, 1) + mean_C.view(1, -1, 1, 1, 1)
 
 
+def check_video_size(
+    num_frames: int,
+    height: int,
+    width: int,
+    *,
+    temporal_factor: int = 4,
+    spatial_factor: int = 8,
+    latent_patch: int = 1,
+    owner: str = "",
+) -> None:
+    """Raise ValueError with the nearest valid sizes unless the video maps onto whole latents and patches.
+
+    Frames must be ``temporal_factor * n + 1``; height and width multiples of ``spatial_factor * latent_patch``.
+    ``owner`` prefixes the field names in messages (e.g. ``"WanPolicyConfig."``).
+    """
+    ft = temporal_factor
+    if num_frames < 1 or (num_frames - 1) % ft != 0:
+        n = max((num_frames - 1) // ft, 0)
+        raise ValueError(
+            f"{owner}num_frames must be {ft}n+1 for the Wan VAE ({ft}x temporal compression after the first "
+            f"frame), got {num_frames}; use {ft * n + 1} or {ft * (n + 1) + 1}"
+        )
+    multiple = spatial_factor * latent_patch
+    for name, size in (("height", height), ("width", width)):
+        if size <= 0 or size % multiple != 0:
+            lower = max(size // multiple, 1) * multiple
+            raise ValueError(
+                f"{owner}{name} must be a positive multiple of {multiple} (VAE {spatial_factor}x spatial "
+                f"compression times the transformer's {latent_patch}x patch), got {size}; "
+                f"use {lower} or {lower + multiple}"
+            )
+
+
 class WanVAE(nn.Module):
     """``encode(videos_BTCHW in [0, 1]) -> latents_BCTHW`` and back, normalised as described above (frozen).
 
@@ -95,20 +128,9 @@ class WanVAE(nn.Module):
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """(C, T', H', W') of the latents of one ``num_frames x height x width`` video; validates the sizes."""
         ft, fs = self.temporal_factor, self.spatial_factor
-        if num_frames < 1 or (num_frames - 1) % ft != 0:
-            n = max((num_frames - 1) // ft, 0)
-            raise ValueError(
-                f"num_frames must be {ft}n+1 for the Wan VAE ({ft}x temporal compression after the first frame), "
-                f"got {num_frames}; use {ft * n + 1} or {ft * (n + 1) + 1}"
-            )
-        multiple = fs * self.latent_patch
-        for name, size in (("height", height), ("width", width)):
-            if size <= 0 or size % multiple != 0:
-                lower = max(size // multiple, 1) * multiple
-                raise ValueError(
-                    f"{name} must be a positive multiple of {multiple} (VAE {fs}x spatial compression times the "
-                    f"transformer's {self.latent_patch}x patch), got {size}; use {lower} or {lower + multiple}"
-                )
+        check_video_size(
+            num_frames, height, width, temporal_factor=ft, spatial_factor=fs, latent_patch=self.latent_patch
+        )
         return (self.latent_channels, (num_frames - 1) // ft + 1, height // fs, width // fs)
 
     def _check_videos(self, videos_BTCHW: torch.Tensor) -> None:
