@@ -315,6 +315,12 @@ def _gaussian_sample_and_score(
     mean: torch.Tensor, std: torch.Tensor, *, noise: torch.Tensor | None, prev_sample: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     x_next = _draw(mean, std, noise=noise, prev_sample=prev_sample)
+    # std = 0 (eta = 0) is a deterministic step with no density: log-prob 0 makes its ratio 1 and its gradient 0
+    # instead of NaN, so an eta = 0 rollout is a valid, noise-free (ODE) rollout.
+    deterministic = std == 0
+    safe_std = torch.where(deterministic, torch.ones_like(std), std)
     # x_next is detached: the gradient of the log-prob must flow through the mean only (the sample is data).
-    return x_next, gaussian_log_prob(x_next.detach(), mean, std), mean, std
+    log_prob = gaussian_log_prob(x_next.detach(), mean, safe_std)
+    log_prob = torch.where(deterministic.reshape(deterministic.shape[0], -1)[:, 0], 0.0, log_prob)
+    return x_next, log_prob, mean, std
 

@@ -186,3 +186,9 @@ def test_gaussian_log_prob_helper_against_normal():
     std = torch.tensor([0.5, 1.0, 2.0]).reshape(3, 1, 1, 1, 1)
     ref = torch.distributions.Normal(mean, std).log_prob(x).mean(dim=(1, 2, 3, 4))
     torch.testing.assert_close(sde.gaussian_log_prob(x, mean, std), ref)
+
+
+def test_eta_zero_log_prob_is_zero_not_nan():
+    x, v, eps = _xv(11)
+    _, logp, _, std = sde.flow_sde_step(x, v, 0.7, 0.5, 0.0, noise=eps)
+    assert torch.equal(logp, torch.zeros(3)) and std.abs().max() == 0
