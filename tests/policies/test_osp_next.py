@@ -3,7 +3,7 @@
 import pytest
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
-from osp_fixtures import pad_text, tiny_diffusers_wan, tiny_inputs
+from tests.policies.osp_fixtures import pad_text, tiny_diffusers_wan, tiny_inputs
 
 from policies.osp_next import OSPNext, OSPNextConfig, SequencePlan
 from policies.osp_next.checkpoint import diffusers_to_wan_key
