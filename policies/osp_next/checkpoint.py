@@ -86,6 +86,10 @@ def config_from_diffusers(data: dict[str, Any]) -> dict[str, Any]:
 
 def config_from_wan(data: dict[str, Any]) -> dict[str, Any]:
     """OSPNextConfig fields from an original Wan2.1 config.json (``dim``, ``num_heads``, ``in_dim`` ...)."""
+    missing = [key for key in ("dim", "num_heads", "num_layers") if key not in data]
+    if missing:
+        raise ValueError(f"config.json is neither a diffusers Wan config (num_attention_heads) nor an original Wan "
+                         f"config: it lacks {missing}; point from_pretrained at a Wan2.1 T2V checkpoint")
     fields = dict(dim=data["dim"], num_heads=data["num_heads"], num_layers=data["num_layers"])
     renames = {"in_dim": "in_channels", "out_dim": "out_channels", "ffn_dim": "ffn_dim", "freq_dim": "freq_dim",
                "text_dim": "text_dim", "text_len": "text_len", "qk_norm": "qk_norm",
@@ -165,11 +169,11 @@ def _read_source(path: Path, overrides: dict[str, Any]) -> tuple[dict[str, Any],
     if data.get("_class_name") == OWN_CLASS_NAME:
         data = {key: value for key, value in data.items() if not key.startswith("_")}
         return data, read_weight_file(path / OWN_WEIGHTS)
+    fields = config_from_diffusers(data) if "num_attention_heads" in data else config_from_wan(data)
     state = _strip_prefixes(read_folder_weights(path))
-    if "num_attention_heads" in data or is_diffusers_state(state):
+    if is_diffusers_state(state):
         state = {diffusers_to_wan_key(key): value for key, value in state.items()}
-        return config_from_diffusers(data), state
-    return config_from_wan(data), state
+    return fields, state
 
 
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
@@ -191,7 +195,7 @@ def load_pretrained(cls: type, path: str | Path, **overrides: Any) -> Any:
     """Build ``cls`` (OSPNext) from any accepted source; ``overrides`` are OSPNextConfig fields."""
     path = Path(path)
     fields, state = _read_source(path, overrides)
-    config = OSPNextConfig.from_dict({key: value for key, value in fields.items()}, **overrides)
+    config = OSPNextConfig.from_dict(fields, **overrides)
     with torch.device("meta"):
         model = cls(config)
     check_state_dict(model, state, path)
