@@ -301,6 +301,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if origin is Literal:
         _require(value in args, f"{where} must be one of {list(args)}, got {value!r}")
         return value
+    if annotation in (int, float) and isinstance(value, str):
+        # PyYAML reads "1e-4" (no dot) as a string; accept any number spelled as text.
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{where} must be a number, got {value!r}") from None
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is int and isinstance(value, float) and value.is_integer():

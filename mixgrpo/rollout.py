@@ -1,0 +1,126 @@
+"""Rollout engines: turn a batch of prompt groups into trajectories and decoded videos.
+
+``LocalRolloutEngine`` samples in this process. Every random number of a rollout is derived from the request's
+seeds (the group seed draws the shared initial noise, each sample seed draws that sample's SDE noise), so any
+engine, on any worker, with any batching, reproduces a sample exactly from its seeds.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from mixgrpo.config import SamplerConfig
+from mixgrpo.sampler import Trajectory, sample
+from mixgrpo.sde import sigma_schedule
+from policies.base import Policy
+
+
+def group_seed(base_seed: int, iteration: int, group: int) -> int:
+    """A seed per (run seed, iteration, group) that no other pair reuses (fits in int63)."""
+    return ((base_seed * 1_000_003 + iteration) * 100_003 + group) % (2**62)
+
+
+def sample_seed(group_seed_value: int, member: int) -> int:
+    return (group_seed_value * 1_009 + member + 1) % (2**62)
+
+
+@dataclass
+class RolloutRequest:
+    """One iteration's prompt groups. Sample ``b`` is member ``b % group_size`` of group ``b // group_size``."""
+
+    iteration: int
+    prompts: list[str]
+    """One prompt per group."""
+    group_seeds: list[int]
+    group_size: int
+    sde_steps: list[int]
+    """Step indices sampled with the SDE (the window); all other steps are ODE."""
+    group_ids: list[int] = field(default_factory=list)
+    """Global ids of the groups (default 0..G-1); lets a worker serve a slice of the iteration."""
+
+    def __post_init__(self) -> None:
+        if len(self.prompts) != len(self.group_seeds):
+            raise ValueError(f"RolloutRequest: {len(self.prompts)} prompts but {len(self.group_seeds)} group seeds")
+        if not self.group_ids:
+            self.group_ids = list(range(len(self.prompts)))
+
+    @property
+    def sample_seeds(self) -> list[int]:
+        return [sample_seed(s, m) for s in self.group_seeds for m in range(self.group_size)]
+
+    @property
+    def sample_prompts(self) -> list[str]:
+        return [p for p in self.prompts for _ in range(self.group_size)]
+
+    def slice(self, groups: list[int]) -> "RolloutRequest":
+        return RolloutRequest(iteration=self.iteration, prompts=[self.prompts[g] for g in groups],
+                              group_seeds=[self.group_seeds[g] for g in groups], group_size=self.group_size,
+                              sde_steps=self.sde_steps, group_ids=[self.group_ids[g] for g in groups])
+
+
+@dataclass
+class RolloutResult:
+    request: RolloutRequest
+    trajectory: Trajectory
+    videos_BTCHW: torch.Tensor
+    """Decoded videos in [0, 1], on the CPU."""
+    nfe: int
+    seconds: float
+
+
+def text_states(policy: Policy, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conditional states for the prompts and the negative prompt's states, batched alike."""
+    cond = policy.encode_text(prompts).to(device)
+    neg = policy.encode_text([policy.negative_prompt] * len(prompts)).to(device)
+    return cond, neg
+
+
+class LocalRolloutEngine:
+    """Samples in this process with the policy it is given (the learner's own weights in the local backend)."""
+
+    def __init__(self, policy: Policy, sampler_cfg: SamplerConfig, *, device: torch.device, batch_groups: int) -> None:
+        self.policy = policy
+        self.cfg = sampler_cfg
+        self.device = device
+        self.batch_groups = max(1, batch_groups)
+        self.sigmas = sigma_schedule(sampler_cfg.num_steps, sampler_cfg.shift)
+        self.model_dtype = next(policy.transformer.parameters()).dtype
+
+    def velocity_fn(self, x_BCTHW: torch.Tensor, sigma_B: torch.Tensor, text_BLD: torch.Tensor) -> torch.Tensor:
+        return self.policy.transformer(x_BCTHW, sigma_B * 1000.0, text_BLD).float()
+
+    @torch.no_grad()
+    def rollout(self, request: RolloutRequest) -> RolloutResult:
+        start = time.perf_counter()
+        self.policy.transformer.eval()
+        chunks, videos, nfe = [], [], 0
+        for first in range(0, len(request.prompts), self.batch_groups):
+            part = request.slice(list(range(first, min(first + self.batch_groups, len(request.prompts)))))
+            cond, neg = text_states(self.policy, part.prompts, self.device)
+            traj = sample(
+                self.velocity_fn,
+                text_states_BLD=cond,
+                negative_text_states_BLD=neg if self.cfg.guidance_scale not in (0.0, 1.0) else None,
+                guidance_scale=self.cfg.guidance_scale,
+                sigmas=self.sigmas,
+                sde_steps=request.sde_steps,
+                eta=self.cfg.eta,
+                sde_kind=self.cfg.sde_kind,
+                post_window=self.cfg.post_window,
+                post_window_ratio=self.cfg.post_window_ratio,
+                latent_shape=self.policy.latent_shape(),
+                group_size=request.group_size,
+                seeds=part.sample_seeds,
+                group_seeds=part.group_seeds,
+                device=self.device,
+                dtype=self.model_dtype,
+            )
+            videos.append(self.policy.decode(traj.latents).float().cpu())
+            chunks.append(traj)
+            nfe = traj.nfe
+        trajectory = Trajectory.concat(chunks) if len(chunks) > 1 else chunks[0]
+        return RolloutResult(request=request, trajectory=trajectory, videos_BTCHW=torch.cat(videos),
+                             nfe=nfe, seconds=time.perf_counter() - start)
