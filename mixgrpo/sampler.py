@@ -59,6 +59,8 @@ class Trajectory:
     """``[B]`` int64 per-sample seeds (SDE noise)."""
     group_index: torch.Tensor
     """``[B]`` int64 index of the sample's prompt group in the rollout's text states."""
+    num_groups: int
+    """Prompt groups of the rollout (``group_index`` < num_groups; ``select`` keeps it, ``concat`` sums it)."""
     nfe: int
     """Model evaluations along ONE sample's trajectory: steps run (after compression) x 2 with CFG (cond and
     uncond are two forward evaluations even though they share one batched call)."""
@@ -90,17 +92,23 @@ class Trajectory:
         )
 
 
-def concat_trajectories(trajectories: Sequence[Trajectory], num_groups: Sequence[int]) -> Trajectory:
-    """Concatenate rollouts of the same iteration (same window) along samples.
+def concat_trajectories(trajectories: Sequence[Trajectory], num_groups: Sequence[int] | None = None) -> Trajectory:
+    """Concatenate rollouts of one iteration (same window and settings) along samples, in order.
 
-    ``num_groups[i]`` is how many prompt groups rollout i had; group indices are offset so that they index the
-    concatenation of the rollouts' text states.
+    Group indices are offset so they index the concatenation of the rollouts' text states. ``num_groups`` (the
+    groups of each rollout) is optional; when given it must match the trajectories' own ``num_groups``.
     """
+    if num_groups is not None and list(num_groups) != [t.num_groups for t in trajectories]:
+        raise ValueError(f"num_groups {list(num_groups)} does not match the trajectories' "
+                         f"{[t.num_groups for t in trajectories]}")
     first = trajectories[0]
     for traj in trajectories[1:]:
-        if not (torch.equal(traj.step_indices, first.step_indices) and torch.equal(traj.sigmas, first.sigmas)):
-            raise ValueError("trajectories come from different windows or schedules; concatenate one iteration only")
-    offsets = torch.tensor([0, *num_groups[:-1]]).cumsum(0).tolist()
+        same = (torch.equal(traj.step_indices, first.step_indices) and torch.equal(traj.sigmas, first.sigmas)
+                and (traj.sde_kind, traj.eta, traj.guidance_scale) == (first.sde_kind, first.eta, first.guidance_scale))
+        if not same:
+            raise ValueError("trajectories come from different windows or sampler settings; "
+                             "concatenate the rollouts of one iteration only")
+    offsets = [sum(t.num_groups for t in trajectories[:i]) for i in range(len(trajectories))]
     return replace(
         first,
         latents=torch.cat([t.latents for t in trajectories]),
@@ -109,6 +117,7 @@ def concat_trajectories(trajectories: Sequence[Trajectory], num_groups: Sequence
         log_prob=torch.cat([t.log_prob for t in trajectories]),
         seeds=torch.cat([t.seeds for t in trajectories]),
         group_index=torch.cat([t.group_index + off for t, off in zip(trajectories, offsets)]),
+        num_groups=sum(t.num_groups for t in trajectories),
         num_model_rows=sum(t.num_model_rows for t in trajectories),
     )
 
@@ -187,6 +196,7 @@ class _Rollout:
     negative: torch.Tensor | None
     guidance_scale: float
     dtype: torch.dtype
+    micro_batch_size: int | None
     nfe: int = 0
     num_model_rows: int = 0
 
@@ -194,8 +204,16 @@ class _Rollout:
         cfg = self.negative is not None
         self.nfe += 2 if cfg else 1
         self.num_model_rows += x.shape[0] * (2 if cfg else 1)
-        return guided_velocity(self.velocity_fn, x, sigma, self.text, self.negative, self.guidance_scale,
-                               dtype=self.dtype)
+        chunk = x.shape[0] if self.micro_batch_size is None else self.micro_batch_size
+        out = []
+        for start in range(0, x.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            neg = self.negative
+            if neg is not None and neg.shape[0] > 1:
+                neg = neg[rows]
+            out.append(guided_velocity(self.velocity_fn, x[rows], sigma, self.text[rows], neg, self.guidance_scale,
+                                       dtype=self.dtype))
+        return torch.cat(out)
 
     def branch(self, group_size: int) -> None:
         self.text = self.text.repeat_interleave(group_size, dim=0)
@@ -222,6 +240,7 @@ def sample(
     group_seeds: Sequence[int],
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    micro_batch_size: int | None = None,
 ) -> Trajectory:
     """Roll out N prompt groups of ``group_size`` samples each (see the module docstring for the semantics).
 
@@ -230,7 +249,7 @@ def sample(
             rows (2N / 2B with CFG) per call.
         text_states_BLD: ``[N, L, D]`` prompt states, one row per group.
         negative_text_states_BLD: ``[N or 1, L, D]`` negative-prompt states; None disables CFG (then
-            ``guidance_scale`` must be 1).
+            ``guidance_scale`` must be <= 1 and is not used, diffusers' convention).
         sigmas: ``[K + 1]`` decreasing sigmas in [0, 1] (``sde.sigma_schedule``).
         sde_steps: sampler step indices in [0, K) that are SDE steps (the window; may be empty: a pure ODE rollout).
         eta, sde_kind: the SDE noise level and variant (``sde.SDE_STEPS``).
@@ -239,9 +258,10 @@ def sample(
         latent_shape: ``(C, T, H, W)``. group_size: G.
         seeds: ``[B]`` per-sample seeds (SDE noise). group_seeds: ``[N]`` per-group seeds (initial noise).
         device: where latents live. dtype: the model's input dtype (latents stay fp32).
+        micro_batch_size: at most this many samples (2x rows with CFG) per model call; None = all at once.
     """
     num_groups = _validate(text_states_BLD, negative_text_states_BLD, guidance_scale, sigmas, sde_steps,
-                           post_window, latent_shape, group_size, seeds, group_seeds)
+                           post_window, latent_shape, group_size, seeds, group_seeds, micro_batch_size)
     step_fn = get_sde_step(sde_kind)
     device = torch.device(device)
     sigma_list = [float(s) for s in sigmas.detach().cpu().double()]  # python floats: identical in recompute
@@ -250,7 +270,7 @@ def sample(
     first, last = (sde_set[0], sde_set[-1]) if sde_set else (num_steps, num_steps - 1)
     state = _Rollout(velocity_fn, text_states_BLD.to(device),
                      None if negative_text_states_BLD is None else negative_text_states_BLD.to(device),
-                     guidance_scale, dtype)
+                     guidance_scale, dtype, micro_batch_size)
 
     x = initial_noise(group_seeds, latent_shape, device)
     for i in range(first):  # deterministic prefix, once per group
@@ -297,6 +317,7 @@ def sample(
         step_indices=steps.to(device),
         seeds=torch.tensor([int(s) for s in seeds], dtype=torch.long, device=device),
         group_index=torch.arange(num_groups, device=device).repeat_interleave(group_size),
+        num_groups=num_groups,
         nfe=state.nfe,
         num_model_rows=state.num_model_rows,
         sde_kind=sde_kind,
@@ -358,13 +379,16 @@ def _validate(
     group_size: int,
     seeds: Sequence[int],
     group_seeds: Sequence[int],
+    micro_batch_size: int | None,
 ) -> int:
     if text.ndim != 3:
         raise ValueError(f"text_states_BLD must be [N, L, D] (one row per prompt group), got {tuple(text.shape)}")
     num_groups = text.shape[0]
-    if negative is None and guidance_scale != 1.0:
-        raise ValueError(f"guidance_scale={guidance_scale} needs negative_text_states_BLD; pass them or set "
-                         "guidance_scale=1.0")
+    if negative is None and guidance_scale > 1.0:
+        raise ValueError(f"guidance_scale={guidance_scale} needs negative_text_states_BLD; pass them, or set "
+                         "guidance_scale to 1.0 (or 0) to sample without CFG")
+    if micro_batch_size is not None and micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1 or None (one call for the whole batch), got {micro_batch_size}")
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     if len(group_seeds) != num_groups or len(seeds) != num_groups * group_size:

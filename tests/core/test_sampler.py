@@ -95,7 +95,9 @@ def test_same_seeds_bit_identical_whether_batch_holds_one_or_three_groups():
     model = ToyVelocity()
     together, _ = _rollout(model, groups=(0, 1, 2))
     alone = [_rollout(model, groups=(n,))[0] for n in (0, 1, 2)]
-    _assert_same(together, concat_trajectories(alone, num_groups=[1, 1, 1]))
+    joined = concat_trajectories(alone, num_groups=[1, 1, 1])
+    _assert_same(together, joined)
+    assert joined.group_index.tolist() == together.group_index.tolist() and joined.num_groups == 3
     _assert_same(together.select([2, 3]), alone[1])
 
 
@@ -120,6 +122,18 @@ def test_ode_prefix_runs_once_per_group_and_rows_are_counted():
     no_cfg = CountingVelocity(ToyVelocity())
     traj, _ = _rollout(no_cfg, sde_steps=(3,), negative_text_states_BLD=None, guidance_scale=1.0)
     assert no_cfg.rows == [3, 3, 3, 6, 6, 6] and traj.nfe == K
+
+
+def test_micro_batched_model_calls_give_the_same_rollout():
+    model = ToyVelocity()
+    whole, _ = _rollout(model)
+    counter = CountingVelocity(model)
+    chunked, _ = _rollout(counter, micro_batch_size=4)
+    _assert_same(whole, chunked)
+    # prefix step: 3 groups fit one chunk (6 rows with CFG); after branching, 6 samples -> chunks of 4 and 2
+    assert counter.rows == [6] + [8, 4] * (K - 1)
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        _rollout(model, micro_batch_size=0)
 
 
 def test_sde_step_reproducible_from_the_sample_seed_alone():
@@ -235,6 +249,7 @@ def test_trajectory_select_and_to():
         (dict(seeds=[1, 2, 3]), "seeds"),
         (dict(sde_steps=(6,)), "sde_steps"),
         (dict(negative_text_states_BLD=None), "guidance_scale"),
+        (dict(seeds=[1, 2, 3, 4, 5, 6], group_seeds=[1, 2]), "group_seeds"),
         (dict(negative_text_states_BLD=torch.zeros(1, L + 1, D)), "same token length"),
         (dict(post_window="heun"), "post_window"),
         (dict(sde_kind="ddim"), "sde_kind"),
