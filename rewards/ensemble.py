@@ -17,6 +17,7 @@ reported, never replaced by a default.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import traceback
 from collections.abc import Hashable, Mapping, Sequence
@@ -54,6 +55,17 @@ class RewardSpec:
             raise ValueError(f"rewards[{self.name!r}].num_gpus and num_cpus must be >= 0")
 
 
+def as_spec(reward: RewardSpec | Mapping[str, Any] | Any) -> RewardSpec:
+    """A RewardSpec from a dict or from any dataclass with the same fields (e.g. the trainer's config)."""
+    if isinstance(reward, RewardSpec):
+        return reward
+    if dataclasses.is_dataclass(reward) and not isinstance(reward, type):
+        reward = dataclasses.asdict(reward)
+    if not isinstance(reward, Mapping):
+        raise ValueError(f"each reward must be a dict {{name, weight, args}}, got {type(reward).__name__}")
+    return RewardSpec(**reward)
+
+
 @dataclass(kw_only=True)
 class RewardSetConfig:
     """Config of the scoring service.
@@ -71,7 +83,8 @@ class RewardSetConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        self.rewards = [r if isinstance(r, RewardSpec) else RewardSpec(**r) for r in self.rewards]
+        self.rewards = [as_spec(r) for r in self.rewards]
+        self.device = str(self.device)
         if not self.rewards:
             raise ValueError("rewards is empty; list at least one {name, weight, args}")
         names = [r.name for r in self.rewards]
@@ -99,41 +112,47 @@ class ScoreTable:
 
     Attributes:
         sample_ids: ids of the B samples, in batch order.
-        scores: reward name -> float32 [B]; NaN where the reward failed or returned NaN.
+        raw: reward name -> raw float32 scores [B]; NaN where the reward failed or returned NaN.
         weights: reward name -> weight.
         nan_counts: reward name -> NaN scores returned by the reward itself (failures not included).
         failed_ids: reward name -> ids of samples whose scoring call raised (only with on_error="drop").
         errors: reward name -> the error text of its first failed call.
         dropped_ids: ids of every sample dropped with its group (only with on_error="drop").
+        dropped_groups: the group ids dropped (only with on_error="drop").
         keep_B: bool [B], False for dropped samples.
     """
 
     sample_ids: list[Hashable]
-    scores: dict[str, torch.Tensor]
+    raw: dict[str, torch.Tensor]
     weights: dict[str, float]
     nan_counts: dict[str, int]
     failed_ids: dict[str, list[Hashable]]
     errors: dict[str, str]
     dropped_ids: list[Hashable]
+    dropped_groups: list[Hashable]
     keep_B: torch.Tensor
 
     @property
     def names(self) -> list[str]:
-        return list(self.scores)
+        return list(self.raw)
 
     def stacked(self) -> torch.Tensor:
-        """Scores as [B, R] in ``names`` order."""
-        return torch.stack([self.scores[n] for n in self.names], dim=1)
+        """Raw scores as [B, R] in ``names`` order."""
+        return torch.stack([self.raw[n] for n in self.names], dim=1)
 
-    def weighted_sum(self) -> torch.Tensor:
-        """sum_r weight_r * score_r, [B]; NaN wherever any reward is NaN (decide explicitly how to treat it)."""
+    @property
+    def aggregate(self) -> torch.Tensor:
+        """Weighted mean of the raw scores [B] (weights normalised to sum 1, as MixGRPO's code does).
+
+        NaN wherever any reward is NaN: the caller decides how "not applicable" enters its statistics.
+        """
         weights_R = torch.tensor([self.weights[n] for n in self.names])
-        return (self.stacked() * weights_R).sum(dim=1)
+        return (self.stacked() * (weights_R / weights_R.sum())).sum(dim=1)
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per sample: ``sample_id``, one column per reward, ``dropped`` (for samples.parquet)."""
         return [
-            {"sample_id": sid, **{n: float(self.scores[n][i]) for n in self.names}, "dropped": not bool(self.keep_B[i])}
+            {"sample_id": sid, **{n: float(self.raw[n][i]) for n in self.names}, "dropped": not bool(self.keep_B[i])}
             for i, sid in enumerate(self.sample_ids)
         ]
 
@@ -220,10 +239,21 @@ class ScoreHandle:
 
 
 class RewardSet:
-    """Builds the configured rewards (here, or as Ray actors) and scores batches with them."""
+    """Builds the configured rewards (here, or as Ray actors) and scores batches with them.
 
-    def __init__(self, config: RewardSetConfig | Mapping[str, Any]) -> None:
-        self.config = config if isinstance(config, RewardSetConfig) else RewardSetConfig(**config)
+    ``RewardSet(rewards, on_error=..., backend=..., device=...)`` takes the same fields as ``RewardSetConfig``;
+    ``RewardSet.from_config(config)`` takes the config object.
+    """
+
+    def __init__(
+        self,
+        rewards: Sequence[RewardSpec | Mapping[str, Any] | Any],
+        *,
+        on_error: Literal["raise", "drop"] = "raise",
+        backend: Literal["local", "ray"] = "local",
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.config = RewardSetConfig(rewards=list(rewards), on_error=on_error, backend=backend, device=str(device))
         self.weights = {r.name: float(r.weight) for r in self.config.rewards}
         self._rewards: dict[str, Reward] = {}
         self._actors: dict[str, Any] = {}
@@ -247,6 +277,10 @@ class RewardSet:
             import ray
 
             self._batch_sizes = dict(zip(self._actors, ray.get([a.batch_size.remote() for a in self._actors.values()])))
+
+    @classmethod
+    def from_config(cls, config: RewardSetConfig) -> RewardSet:
+        return cls(config.rewards, on_error=config.on_error, backend=config.backend, device=config.device)
 
     def submit(
         self,
@@ -328,20 +362,21 @@ class RewardSet:
             nan_counts[name] = int((scores_B.isnan() & ~failed_mask).sum())
             failed[name] = [sample_ids[i] for i in failed_idx]
             scores[name] = scores_B
-        keep_B = torch.ones(b, dtype=torch.bool)
+        keep_B, failed_groups = torch.ones(b, dtype=torch.bool), []
         if group_ids is not None:
             group_of = dict(zip(sample_ids, group_ids))
-            failed_groups = {group_of[sid] for ids in failed.values() for sid in ids}
+            failed_groups = list(dict.fromkeys(group_of[sid] for ids in failed.values() for sid in ids))
             keep_B = torch.tensor([g not in failed_groups for g in group_ids], dtype=torch.bool)
         dropped = [sid for sid, keep in zip(sample_ids, keep_B.tolist()) if not keep]
         return ScoreTable(
             sample_ids=sample_ids,
-            scores=scores,
+            raw=scores,
             weights=dict(self.weights),
             nan_counts=nan_counts,
             failed_ids=failed,
             errors=errors,
             dropped_ids=dropped,
+            dropped_groups=failed_groups,
             keep_B=keep_B,
         )
 
