@@ -12,9 +12,9 @@ the rewards:
 
 The result is clipped to [-clip, clip].
 
-Filtering: a group whose scores are all equal carries no gradient; its advantages are set to exactly 0 and it is
-counted (``zero_std_fraction``, ``num_filtered``). ``advantages != 0`` is then Flow-GRPO's / OSP-Next's sample
-filter. We detect such groups as max == min rather than ``advantage == 0``, because a group mean of identical fp32
+Filtering: a group whose scores are all equal carries no gradient; its advantages are set to exactly 0, its samples
+get ``keep=False`` and it is counted (``zero_std_fraction``, ``num_filtered``), as Flow-GRPO and OSP-Next drop
+such samples. We detect such groups as max == min rather than ``advantage == 0``, because a group mean of identical fp32
 values is not always bit-equal to them.
 
 NaN scores mean "this reward does not apply to this sample" (the reward set never fills in a default): the sample
@@ -24,9 +24,19 @@ groups the reward set dropped after a failure): advantage 0, excluded from every
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import torch
+
+
+class AdvantageResult(NamedTuple):
+    advantages: torch.Tensor
+    """``[B]`` fp32 on the CPU; exactly 0 for filtered and invalid samples."""
+    keep: torch.Tensor
+    """``[B]`` bool: False for samples of zero-std groups and samples with no valid score (skip them in the update)."""
+    stats: dict[str, float]
+    """``reward/<name>/mean|std`` (over valid, non-NaN scores), ``advantage/mean|std|abs_max|clip_fraction``,
+    ``zero_std_fraction`` (filtered groups / groups), ``num_filtered`` (samples with keep False), ``num_groups``."""
 
 
 def compute_advantages(
@@ -41,7 +51,7 @@ def compute_advantages(
     eps: float = 1e-4,
     unbiased: bool = True,
     valid_B: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> AdvantageResult:
     """Per-reward group z-scores, weighted aggregation, clipping and zero-std filtering.
 
     Args:
@@ -57,9 +67,7 @@ def compute_advantages(
         valid_B: ``[B]`` bool, False = leave the sample out entirely (default: all valid).
 
     Returns:
-        ``(advantages [B] fp32 on the CPU, stats)``; stats: ``reward/<name>/mean|std`` (over valid, non-NaN
-        scores), ``advantage/mean|std|abs_max|clip_fraction``, ``zero_std_fraction`` (filtered groups / groups),
-        ``num_filtered`` (samples with advantage forced to 0, invalid ones included), ``num_groups``.
+        :class:`AdvantageResult` ``(advantages, keep, stats)``.
     """
     names = list(rewards)
     w = _weights(names, weights, normalize_weights)
@@ -95,7 +103,7 @@ def compute_advantages(
             raise ValueError(f"clip must be > 0 (or None to disable), got {clip}")
         clipped_B = adv_B.abs() > clip
         adv_B = adv_B.clamp(-clip, clip)
-    return adv_B, _stats(scores, adv_B, kept_B, clipped_B, informative_G)
+    return AdvantageResult(adv_B, kept_B, _stats(scores, adv_B, kept_B, clipped_B, informative_G))
 
 
 def group_zscore(
