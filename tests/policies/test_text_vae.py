@@ -138,9 +138,6 @@ def test_wan_vae_matches_diffusers_with_normalisation(vae_folder):
     with torch.no_grad():
         pixels = ref.decode(z).sample  # the round trip through diffusers' own calls, in its [-1, 1] space
     torch.testing.assert_close(decoded, ((pixels + 1) / 2).permute(0, 2, 1, 3, 4), rtol=1e-5, atol=1e-5)
-    # pixels out of the VAE's range still come back clamped into [0, 1].
-    wild = vae.decode(latents * 50)
-    assert wild.min() >= 0 and wild.max() <= 1
 
 
 def test_wan_vae_validates_sizes_with_fixes(vae_folder):
