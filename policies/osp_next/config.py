@@ -14,9 +14,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from policies.osp_next.attention import BACKENDS as ATTENTION_BACKENDS
+
 BLOCK_KINDS = ("full", "token", "group")
 NAMED_LAYOUTS = ("full", "dual_end")
-ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "math")
 
 
 @dataclass(kw_only=True)
@@ -44,7 +45,7 @@ class OSPNextConfig:
     sparse_ratio: int = 2
     """Skiparse k: each sparse block attends within k*k subsequences."""
     attention_backend: str = "auto"
-    """"auto" (flash-attn if importable, else SDPA), "flash", "sdpa" or "math" (plain reference)."""
+    """"auto" (see attention.resolve_backend), "flash", "varlen", "sdpa" or "math" (plain reference)."""
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)

@@ -160,6 +160,15 @@ class OSPNext(nn.Module):
 
         save_pretrained(self, path)
 
+    def set_layout(self, layout: str | list[str], **fields: Any) -> None:
+        """Switch the attention layout in place (same weights), e.g. ``set_layout("full")`` or
+        ``set_layout("dual_end", num_full_blocks=8, sparse_ratio=2)``."""
+        self.config = OSPNextConfig.from_dict(self.config.to_dict(), layout=layout, **fields)
+        for block, kind in zip(self.blocks, self.config.block_kinds()):
+            block.kind = kind
+            block.backend = self.config.attention_backend
+        self._tables = {}
+
     # ---- forward ----
     def patch_grid(self, latents_BCTHW: torch.Tensor) -> tuple[int, int, int]:
         if latents_BCTHW.dim() != 5 or latents_BCTHW.shape[1] != self.config.in_channels:
@@ -210,11 +219,12 @@ class OSPNext(nn.Module):
     def _position_tables(self, geometry: SparseGeometry, batch: int, device: torch.device) -> Any:
         """Full-block (cos, sin) ``[1, N, D2]`` and the sparse per-pattern tables and masks, cached per shape."""
         plan = self.sequence_plan
-        key = (geometry, batch, str(device), id(plan))
+        kinds = tuple(block.kind for block in self.blocks)
+        key = (geometry, batch, str(device), id(plan), kinds)
         if key not in self._tables:
             angles = rope_angles(geometry.grid, self.config.head_dim, max_seq_len=self.config.rope_max_seq_len)
             full = tuple(plan.shard_full(t) for t in rope_tables(angles[None], device=device))
-            patterns = {block.kind for block in self.blocks} - {"full"}
+            patterns = set(kinds) - {"full"}
             sparse = sparse_position_tables(plan, geometry, patterns, angles_ND2=angles, batch=batch, device=device)
             self._tables = {key: (full, *sparse)}
         return self._tables[key]

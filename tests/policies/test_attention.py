@@ -95,3 +95,31 @@ def test_sparse_attention_equals_masked_dense_attention(grid, pattern):
     torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
     for g_sparse, g_dense in zip(_grads(sparse, (q, k, v)), _grads(dense, (q, k, v))):
         torch.testing.assert_close(g_sparse, g_dense, rtol=1e-5, atol=1e-6)
+
+
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k):
+    """A varlen kernel written out: attention per packed segment (stands in for the CUDA flash kernels)."""
+    outs = []
+    for i in range(len(cu_q) - 1):
+        qi, ki, vi = q[cu_q[i]:cu_q[i + 1]], k[cu_k[i]:cu_k[i + 1]], v[cu_k[i]:cu_k[i + 1]]
+        assert qi.shape[0] <= max_q and ki.shape[0] <= max_k
+        outs.append(math_attention(qi[None], ki[None], vi[None])[0])
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_packed_varlen_path_matches_masked_attention(masked):
+    from policies.osp_next.attention import _packed_attention
+
+    q, k, v = _qkv(b=3, n=7)
+    mask = None
+    if masked:
+        mask = torch.rand(3, 7, generator=torch.Generator().manual_seed(5)) > 0.5
+        mask[2] = False  # an all-padding row must stay finite, as in the other backends
+    out = _packed_attention(_reference_varlen, q, k, v, mask)
+    ref = attention(q, k, v, key_mask=mask, backend="math")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for g_out, g_ref in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+        torch.testing.assert_close(g_out, g_ref, rtol=1e-5, atol=1e-6)
+    if masked:  # the packing is cached per mask tensor
+        assert _packed_attention(_reference_varlen, q, k, v, mask).equal(out)

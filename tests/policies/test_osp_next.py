@@ -220,3 +220,42 @@ def test_config_validation_messages(overrides, message):
 def test_unknown_preset_lists_valid_ones():
     with pytest.raises(ValueError, match="valid presets are \\['osp-next-14b', 'tiny'"):
         OSPNextConfig.preset("wan2.2")
+
+
+def test_set_layout_switches_kinds_in_place():
+    reference = tiny_diffusers_wan(num_layers=4)
+    model = _ours_from(reference)
+    inputs = tiny_inputs(batch=1, height=10, width=8)
+    with torch.no_grad():
+        full = model(*inputs)
+        model.set_layout("dual_end", num_full_blocks=2)
+        hybrid = model(*inputs)
+        assert [b.kind for b in model.blocks] == ["full", "token", "group", "full"]
+        fresh = _ours_from(reference, layout="dual_end", num_full_blocks=2)
+        torch.testing.assert_close(hybrid, fresh(*inputs), rtol=0, atol=0)
+        model.set_layout("full")
+        torch.testing.assert_close(model(*inputs), full, rtol=0, atol=0)
+
+
+def test_rope_tables_follow_tokens_through_skiparse():
+    from policies.osp_next.layout import SparseGeometry, sparse_position_tables
+    from policies.osp_next.rope import axis_pairs, rope_angles
+    from policies.osp_next.skiparse import pad_grid, skiparse_rearrange
+
+    assert axis_pairs(128) == (22, 21, 21) and axis_pairs(12) == (2, 2, 2)
+    grid = (2, 3, 5)
+    angles = rope_angles(grid, 12)
+    # Token (t=1, h=2, w=4) has angles t*f_t | h*f_h | w*f_w with Wan's per-axis frequencies.
+    inv = [1.0 / 10000 ** (torch.arange(0, 4, 2, dtype=torch.float64) / 4)] * 3
+    expected = torch.cat([1 * inv[0], 2 * inv[1], 4 * inv[2]])
+    torch.testing.assert_close(angles[1 * 15 + 2 * 5 + 4], expected)
+    geometry = SparseGeometry(grid=grid, k=2)
+    rope, masks = sparse_position_tables(SequencePlan(), geometry, {"group"}, angles_ND2=angles, batch=3,
+                                         device=torch.device("cpu"))
+    cos, sin = rope["group"]
+    padded, pgrid = pad_grid(angles[None], grid, 2)
+    want = skiparse_rearrange(padded, pgrid, "group", 2).repeat_interleave(3, dim=0)
+    torch.testing.assert_close(cos, torch.cos(want).float())
+    mask = masks["group"]
+    assert mask.shape == cos.shape[:2] and int(mask.sum()) == 3 * 30
+    assert (cos[~mask] == 1).all() and (sin[~mask] == 0).all()  # padding: angle 0
