@@ -380,3 +380,40 @@ def scatter(x: torch.Tensor, group: ProcessGroup, *, dim: int, sizes: Sequence[i
     if group_size(group) == 1:
         return x
     return _Scatter.apply(x, group, dim, sizes, current_scope())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# All-gather inside replicas
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _AllGatherReplicated(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, outer_group, dim, sizes, keep, scope):
+        ctx.args = (group, outer_group, dim, sizes, keep, scope)
+        return _all_gather_impl(x, group, dim, sizes, scope, "forward")
+
+    @staticmethod
+    def backward(ctx, grad):
+        group, outer_group, dim, sizes, keep, scope = ctx.args
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=outer_group)
+        outer = group_size(outer_group)
+        _record("all_reduce", scope, "backward", _nbytes(grad), 2 * _nbytes(grad) * (outer - 1) // outer)
+        grad = shard(grad, dim, sizes, group_rank(group))
+        return (grad if keep else torch.zeros_like(grad)), None, None, None, None, None, None
+
+
+def all_gather_replicated(
+    x: torch.Tensor, group: ProcessGroup, outer_group: ProcessGroup, *, dim: int, sizes: Sequence[int],
+    keep_grad: bool,
+) -> torch.Tensor:
+    """All-gather inside ``group`` when ``outer_group`` holds several identical copies of that computation.
+
+    Backward: the gathered tensor's gradient is a partial sum over ``outer_group``; all-reduce it there, slice
+    this rank's piece, and keep it on one copy only (``keep_grad``), so that parameter gradients summed over
+    ``outer_group`` count the replicated computation once. With one copy, use :func:`all_gather` instead.
+    """
+    dim %= x.dim()
+    sizes = _sizes_or_even(x, dim, group, sizes, local=True)
+    return _AllGatherReplicated.apply(x, group, outer_group, dim, sizes, keep_grad, current_scope())

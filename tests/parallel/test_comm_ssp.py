@@ -22,7 +22,7 @@ from policies.parallel.comm import (
     shard,
 )
 from policies.parallel.groups import SequenceParallelSizes, build_groups
-from policies.parallel.ssp import frame_shard, ssp_shard_subsequences, ssp_switch
+from policies.parallel.ssp import num_rows, row_shard, ssp_shard_subsequences, ssp_switch
 from sp_harness import run_ranks
 
 pytestmark = pytest.mark.dist
@@ -116,9 +116,8 @@ def _check_switch(rank: int, world: int, ulysses: int) -> None:
     sizes = SequenceParallelSizes(ssp_size=world // ulysses, ulysses_size=ulysses, num_heads=4, sparse_ratio=k)
     groups = build_groups(sizes)
     s = sizes.ssp_size
-    for grid in [(3, 4, 8), (2, 8, 4)]:
-        frames = even_sizes(grid[0], ulysses)  # (3 frames over U=2: uneven [2, 1])
-        local_grid = (frames[groups.ulysses_rank], grid[1], grid[2])
+    for grid in [(3, 4, 8), (1, 12, 4), (2, 8, 4)]:
+        rows = even_sizes(num_rows(grid, k), ulysses)  # 3 rows over U=2: uneven [2, 1]
         for src, dst in [("token", "group"), ("group", "token")]:
             gen = torch.Generator().manual_seed(11)
             x_full = torch.randn(batch, grid[0] * grid[1] * grid[2], channels, generator=gen)
@@ -128,12 +127,12 @@ def _check_switch(rank: int, world: int, ulysses: int) -> None:
             torch.sum(ref * weight).backward()
 
             def mine(t):
-                return frame_shard(ssp_shard_subsequences(t, k, groups.ssp_rank, s), grid[0], frames,
-                                   groups.ulysses_rank)
+                return row_shard(ssp_shard_subsequences(t, k, groups.ssp_rank, s), sum(rows), rows,
+                                 groups.ulysses_rank)
 
             x = mine(x_sparse.detach()).requires_grad_()
             with record_comm() as log:
-                out = ssp_switch(x, local_grid, k, groups.ssp)
+                out = ssp_switch(x, rows[groups.ulysses_rank], grid[2], k, groups.ssp)
                 torch.sum(out * mine(weight)).backward()
             # Bit-for-bit: scatter(switch(gather(x))) == parallel switch, forward and backward.
             assert torch.equal(out, mine(ref))
