@@ -8,7 +8,7 @@ from mixgrpo.config import PolicyConfig, PromptConfig
 from policies.base import Policy
 
 
-def build_policy(cfg: PolicyConfig, *, quantization: str = "none") -> Policy:
+def build_policy(cfg: PolicyConfig, *, quantization: str = "none", device: str | None = None) -> Policy:
     """The policy the config asks for, with HiF8 fake quantization applied to its transformer if requested.
 
     Quantization is applied to the one transformer that rollouts and the learner share, so both see the same
@@ -24,7 +24,8 @@ def build_policy(cfg: PolicyConfig, *, quantization: str = "none") -> Policy:
         policy = build_wan_policy(WanPolicyConfig(
             model_dir=cfg.model_dir, transformer_path=cfg.transformer_path, text_encoder_path=cfg.text_encoder_path,
             vae_path=cfg.vae_path, num_frames=cfg.num_frames, height=cfg.height, width=cfg.width, layout=cfg.layout,
-            num_full_blocks=cfg.num_full_blocks, sparse_ratio=cfg.sparse_ratio, dtype=cfg.dtype))
+            num_full_blocks=cfg.num_full_blocks, sparse_ratio=cfg.sparse_ratio, dtype=cfg.dtype,
+            device=device or "cpu"))
     if cfg.gradient_checkpointing:
         policy.transformer.gradient_checkpointing = True
     if quantization == "hif8":

@@ -60,7 +60,7 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)
         self.device = resolve_device(cfg.train.device)
-        self.policy = build_policy(cfg.policy, quantization=cfg.learner.quantization).to(self.device)
+        self.policy = build_policy(cfg.policy, quantization=cfg.learner.quantization, device=str(self.device)).to(self.device)
         if cfg.learner.lora.enabled:
             apply_lora(self.policy.transformer, rank=cfg.learner.lora.rank, alpha=cfg.learner.lora.alpha,
                        targets=cfg.learner.lora.targets)
