@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from mixgrpo.runlog import RunLog, read_parquet, slugify
+from mixgrpo.analysis import load_run
+from mixgrpo.runlog import RunLog, slugify
 
 HERE = Path(__file__).parent
 
@@ -92,22 +93,23 @@ def test_concurrent_reader_never_sees_partial_files(tmp_path):
     counts = []
     try:
         deadline = time.monotonic() + 30
-        while not (run / "metrics.parquet").exists():
+        while not (run / "config.yaml").exists():  # the writer's last file before its first iteration
             assert writer.poll() is None and time.monotonic() < deadline, "writer died before its first write"
             time.sleep(0.01)
         while writer.poll() is None:
-            metrics = read_parquet(run / "metrics.parquet")
-            samples = read_parquet(run / "samples.parquet")
-            assert metrics["iteration"].tolist() == list(range(len(metrics)))
-            counts.append((len(metrics), len(samples)))
+            loaded = load_run(run)
+            assert loaded.metrics["iteration"].tolist() == list(range(len(loaded.metrics)))
+            assert loaded.metrics["iteration"].dtype == "int64" and loaded.samples["reward"].dtype == "float64"
+            counts.append((len(loaded.metrics), len(loaded.samples)))
     finally:
         writer.wait(timeout=30)
     assert writer.returncode == 0
-    assert counts == sorted(counts), "row counts went backwards"
+    for column in zip(*counts):  # metrics rows, sample rows: each never goes backwards
+        assert list(column) == sorted(column), "row counts went backwards"
     # The reads overlapped the writing: several different intermediate states were observed.
     assert len({c for c in counts if 0 < c[0] < iterations}) >= 3
-    assert len(pd.read_parquet(run / "metrics.parquet")) == iterations
-    assert len(pd.read_parquet(run / "samples.parquet")) == 4 * iterations
+    final = load_run(run)
+    assert (len(final.metrics), len(final.samples)) == (iterations, 4 * iterations)
 
 
 def test_resume_truncates_rows_and_videos(tmp_path):
