@@ -69,6 +69,8 @@ class Trajectory:
     sde_kind: str
     eta: float
     guidance_scale: float
+    cfg: bool
+    """Whether the rollout used classifier-free guidance (negative text states were given)."""
     model_dtype: torch.dtype
 
     @property
@@ -181,7 +183,8 @@ def guided_velocity(
                          f"L, D {tuple(text_states_BLD.shape[1:])}; pad both to the same token length")
     neg = neg.expand(num, -1, -1).to(text_states_BLD.dtype)
     x2 = torch.cat([x_BCTHW, x_BCTHW]).to(dtype)
-    v_cond, v_uncond = velocity_fn(x2, torch.cat([sigma_B, sigma_B]), torch.cat([text_states_BLD, neg])).float().chunk(2)
+    v_both = velocity_fn(x2, torch.cat([sigma_B, sigma_B]), torch.cat([text_states_BLD, neg])).float()
+    v_cond, v_uncond = v_both.chunk(2)
     if detach_uncond:
         v_uncond = v_uncond.detach()
     return v_uncond + guidance_scale * (v_cond - v_uncond)
@@ -323,6 +326,7 @@ def sample(
         sde_kind=sde_kind,
         eta=float(eta),
         guidance_scale=float(guidance_scale),
+        cfg=negative_text_states_BLD is not None,
         model_dtype=dtype,
     )
 
@@ -354,6 +358,9 @@ def recompute_log_prob(
     if used != given:
         raise ValueError(f"recompute settings {given} differ from the rollout's {used}; pass the rollout's values "
                          "(sampler.guidance_scale, sampler.eta, sampler.sde_kind)")
+    if (negative_text_states_BLD is not None) != traj.cfg:
+        raise ValueError(f"the rollout {'used' if traj.cfg else 'did not use'} CFG; pass negative_text_states_BLD "
+                         "exactly when the rollout had them, or the log-probs cannot match")
     if not 0 <= step < traj.num_steps:
         raise ValueError(f"step={step} is not a stored step index; the trajectory stores {traj.num_steps} steps")
     idx = torch.as_tensor(sample_idx, dtype=torch.long, device=traj.x_t.device)
@@ -388,7 +395,8 @@ def _validate(
         raise ValueError(f"guidance_scale={guidance_scale} needs negative_text_states_BLD; pass them, or set "
                          "guidance_scale to 1.0 (or 0) to sample without CFG")
     if micro_batch_size is not None and micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be >= 1 or None (one call for the whole batch), got {micro_batch_size}")
+        raise ValueError(f"micro_batch_size must be >= 1 or None (one call for the whole batch), "
+                         f"got {micro_batch_size}")
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     if len(group_seeds) != num_groups or len(seeds) != num_groups * group_size:

@@ -242,7 +242,8 @@ def dpm_solver_2m_step(
     if (prev_x0_pred is None) != (prev_sigma is None):
         raise ValueError("pass both prev_x0_pred and prev_sigma (second order) or neither (first order)")
     if not 0.0 <= sigma_next < sigma < 1.0:
-        raise ValueError(f"need 0 <= sigma_next < sigma < 1 for DPM-Solver++, got sigma={sigma}, sigma_next={sigma_next}")
+        raise ValueError(f"need 0 <= sigma_next < sigma < 1 for DPM-Solver++, got sigma={sigma}, "
+                         f"sigma_next={sigma_next}")
     alpha, alpha_next = 1.0 - sigma, 1.0 - sigma_next
     # alpha_next * (e^{-h} - 1), written without e^{-h} so that sigma_next = 0 gives -alpha_next exactly.
     coeff = sigma_next * alpha / sigma - alpha_next

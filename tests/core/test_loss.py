@@ -63,5 +63,6 @@ def test_kl_to_reference_formula_and_gradient():
     # sample 0: mean(1, 4) / (2 * 0.25) = 5; sample 1: mean(1, 9) / (2 * 4) = 0.625
     torch.testing.assert_close(kl, torch.tensor([5.0, 0.625]))
     kl.sum().backward()
-    torch.testing.assert_close(mean.grad, torch.tensor([[2.0, 4.0], [-0.125, -0.375]]))  # (mean - ref) / (num_elements * std^2)
+    # d/dmean = (mean - ref) / (num_elements * std^2)
+    torch.testing.assert_close(mean.grad, torch.tensor([[2.0, 4.0], [-0.125, -0.375]]))
     assert torch.equal(kl_to_reference(ref, ref, 1.0), torch.zeros(2))

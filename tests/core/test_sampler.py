@@ -167,6 +167,9 @@ def test_recompute_gives_ratio_exactly_one_and_a_gradient():
     model.zero_grad()
     log_prob.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    with pytest.raises(ValueError, match="CFG"):
+        recompute_log_prob(model, traj, step=0, sample_idx=idx, text_states_BLD=text[traj.group_index[idx]],
+                           negative_text_states_BLD=None, guidance_scale=3.0, eta=0.7, sde_kind="flow_grpo")
     with pytest.raises(ValueError, match="differ from the rollout"):
         recompute_log_prob(model, traj, step=0, sample_idx=idx, text_states_BLD=text[traj.group_index[idx]],
                            negative_text_states_BLD=NEG, guidance_scale=3.0, eta=0.5, sde_kind="flow_grpo")
@@ -177,8 +180,9 @@ def test_recompute_ratio_one_for_every_sde_kind(kind):
     model = ToyVelocity()
     traj, text = _rollout(model, sde_kind=kind, eta=0.5, sde_steps=(0, 2))
     idx = torch.tensor([5, 1])
-    log_prob, _, _ = recompute_log_prob(model, traj, step=1, sample_idx=idx, text_states_BLD=text[traj.group_index[idx]],
-                                        negative_text_states_BLD=NEG, guidance_scale=3.0, eta=0.5, sde_kind=kind)
+    log_prob, _, _ = recompute_log_prob(model, traj, step=1, sample_idx=idx,
+                                        text_states_BLD=text[traj.group_index[idx]], negative_text_states_BLD=NEG,
+                                        guidance_scale=3.0, eta=0.5, sde_kind=kind)
     assert torch.equal(log_prob, traj.log_prob[idx, 1])
 
 
