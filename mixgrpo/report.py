@@ -35,21 +35,22 @@ def default_out_dir(paths: Sequence[Path]) -> Path:
 
 
 def _fmt(value: float, spec: str) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+    return "-" if math.isnan(value) else format(value, spec)
 
 
 def summary_table(summary: pd.DataFrame, fraction: float) -> Table:
     pct = f"{fraction:.0%}"
     table = Table(title=f"reward/mean, first vs last {pct} of iterations", header_style="bold")
-    for header in ("run", "iters", f"first {pct}", f"last {pct}", "gain", "NFE", "s/iter", "faults"):
+    for header in ("run", "iters", f"first {pct}", f"last {pct}", "gain", "NFE", "s/iter", "events"):
         table.add_column(header, justify="left" if header == "run" else "right")
     for row in summary.to_dict("records"):
         gain = row["improvement_pct"]
         colour = "green" if gain > 0 else "red" if gain < 0 else "white"
         table.add_row(
-            escape(row["run"]), str(row["iterations"]), _fmt(row["reward_first"], ".4f"), _fmt(row["reward_last"], ".4f"),
+            escape(row["run"]), str(row["iterations"]),
+            _fmt(row["reward_first"], ".4f"), _fmt(row["reward_last"], ".4f"),
             f"[{colour}]{_fmt(gain, '+.1f')}%[/{colour}]" if not math.isnan(gain) else "-",
-            _fmt(row["nfe_per_iter"], ".0f"), _fmt(row["seconds_per_iter"], ".2f"), str(row["faults"]),
+            _fmt(row["nfe_per_iter"], ".0f"), _fmt(row["seconds_per_iter"], ".2f"), str(row["events"]),
         )
     return table
 
@@ -74,7 +75,11 @@ def report_runs(
     paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None = None, *, fraction: float = 0.25,
     window: int | None = None,
 ) -> dict[str, Any]:
-    """Load runs, write the report files, return {"summary": DataFrame, "out_dir": Path, "files": [Path]}.
+    """Load runs and write the report files.
+
+    Returns:
+        {"summary": DataFrame (one row per run), "out_dir": Path, "files": [Path], "varying": config columns that
+        differ between runs, "events": {run: {event kind: count}}}.
 
     Raises:
         ValueError: a path is not a run directory (the message names the missing file) or an argument is bad.
@@ -99,7 +104,8 @@ def report_runs(
         sheet = sample_sheet(run, out / f"{stem}_samples.png")
         if sheet is not None:
             files.append(sheet)
-    return {"summary": summary, "out_dir": out, "files": files, "varying": runset.varying}
+    events = {r.name: r.events["kind"].value_counts().to_dict() for r in runset.runs if len(r.events)}
+    return {"summary": summary, "out_dir": out, "files": files, "varying": runset.varying, "events": events}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mixgrpo report: error: {err}", file=sys.stderr)
         return 2
     console.print(summary_table(result["summary"], args.fraction))
+    for name, counts in result["events"].items():
+        console.print(f"events in {name}: " + ", ".join(f"{n} {kind}" for kind, n in counts.items()), highlight=False)
     if result["varying"]:
         console.print("settings that differ: " + ", ".join(result["varying"]), highlight=False)
     console.print(f"wrote {len(result['files'])} files to {result['out_dir']}", highlight=False)

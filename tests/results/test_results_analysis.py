@@ -100,7 +100,7 @@ def test_report_writes_plots_and_table(tmp_path, capsys, synthetic_run_template)
     out = tmp_path / "out"
     assert main([str(a), str(b), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "config.train.lr" in printed and "a" in printed
+    assert "config.train.lr" in printed and "events in a: 1 warning" in printed
     expected = {"summary.csv", "reward_curves.png", "diagnostics.png", "a_prompts.csv", "a_prompts.png",
                 "a_window.png", "a_samples.png", "b_prompts.csv", "b_prompts.png", "b_window.png"}
     assert {p.name for p in out.iterdir()} == expected
