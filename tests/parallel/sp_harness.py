@@ -7,7 +7,11 @@ import tempfile
 
 import torch
 import torch.distributed as dist
+import torch.distributed.tensor  # noqa: F401  (see below)
 import torch.multiprocessing as mp
+
+# torch.testing.assert_close imports torch.distributed.tensor on first use once a process group exists; that
+# import takes seconds. Importing it here, before forking, pays it once per session instead of once per rank.
 
 
 def _entry(rank: int, world: int, store: str, fn, args) -> None:

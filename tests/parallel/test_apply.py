@@ -21,7 +21,7 @@ from policies.osp_next.config import OSPNextConfig
 from policies.osp_next.model import OSPNext
 from policies.parallel.apply import apply_sequence_parallel, sum_gradients
 from policies.parallel.comm import record_comm
-from sp_harness import run_ranks
+from tests.parallel.sp_harness import run_ranks
 
 pytestmark = pytest.mark.dist
 

@@ -23,7 +23,7 @@ from policies.parallel.comm import (
 )
 from policies.parallel.groups import SequenceParallelSizes, build_groups
 from policies.parallel.ssp import num_rows, row_shard, ssp_shard_subsequences, ssp_switch
-from sp_harness import run_ranks
+from tests.parallel.sp_harness import run_ranks
 
 pytestmark = pytest.mark.dist
 

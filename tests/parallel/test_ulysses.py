@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from policies.parallel.comm import even_sizes, record_comm, shard
 from policies.parallel.ulysses import ulysses_attention
-from sp_harness import run_ranks
+from tests.parallel.sp_harness import run_ranks
 
 pytestmark = pytest.mark.dist
 
