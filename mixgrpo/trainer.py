@@ -25,7 +25,7 @@ from mixgrpo.runlog import RunLog
 from mixgrpo.window import build_window_scheduler
 from mixgrpo import media
 from mixgrpo.policy_factory import build_policy, load_prompts
-from rewards.ensemble import RewardSet, RewardSetConfig, ScoreTable
+from rewards.ensemble import RewardSet, ScoreTable
 
 
 def resolve_device(name: str) -> torch.device:
@@ -67,8 +67,8 @@ class Trainer:
         self.learner = Learner(self.policy.transformer, cfg.learner, cfg.sampler, autocast=self._autocast)
         self.log = RunLog(self.run_dir, resume=resume)
         self.engine = self._build_engine()
-        self.rewards = RewardSet(RewardSetConfig(rewards=[dataclasses.asdict(r) for r in cfg.rewards],
-                                                 on_error=cfg.train.on_reward_error, device=str(self.device)))
+        self.rewards = RewardSet([dataclasses.asdict(r) for r in cfg.rewards], on_error=cfg.train.on_reward_error,
+                                 device=str(self.device))
         # The final step lands on sigma = 0 where the SDE's std vanishes: never sample or train it (as Flow-GRPO).
         self.window = build_window_scheduler(**dataclasses.asdict(cfg.window), num_steps=cfg.sampler.num_steps - 1,
                                              seed=cfg.train.seed)
@@ -146,7 +146,7 @@ class Trainer:
         on_error=drop) or a NaN score are left out of the update whole; constant-reward groups are filtered too."""
         group_ids = self.group_ids(rollouts)
         usable = scores.keep_B.clone()
-        for values in scores.scores.values():
+        for values in scores.raw.values():
             usable &= ~values.isnan()
         usable = torch.stack([usable[group_ids == g].all() for g in group_ids])  # whole groups only
         advantages = torch.zeros(len(group_ids))
@@ -154,7 +154,7 @@ class Trainer:
         stats: dict[str, float] = {"dropped_groups": float((~usable).sum()) / rollouts.request.group_size}
         if usable.any():
             cfg = self.cfg.advantages
-            result = compute_advantages({k: v[usable] for k, v in scores.scores.items()}, group_ids[usable],
+            result = compute_advantages({k: v[usable] for k, v in scores.raw.items()}, group_ids[usable],
                                         weights=scores.weights, std=cfg.std, aggregation=cfg.aggregation,
                                         clip=cfg.clip, eps=cfg.eps)
             advantages[usable], keep[usable] = result.advantages, result.keep
@@ -182,9 +182,9 @@ class Trainer:
 
     def metrics(self, iteration, rollouts, scores, adv_stats, stats, reward_seconds, update_seconds, total_seconds):
         window = self.window.sde_steps()
-        aggregate = scores.weighted_sum()
+        aggregate = scores.aggregate
         row = {"iteration": iteration, **_mean_std("reward", aggregate)}
-        for name, values in scores.scores.items():
+        for name, values in scores.raw.items():
             row.update(_mean_std(f"reward/{name}", values))
             row[f"reward/{name}/nan_count"] = float(scores.nan_counts.get(name, 0))
             row[f"reward/{name}/failed"] = float(len(scores.failed_ids.get(name, [])))
@@ -197,13 +197,13 @@ class Trainer:
 
     def sample_rows(self, iteration, rollouts, scores, advantages):
         request = rollouts.request
-        aggregate = scores.weighted_sum()
+        aggregate = scores.aggregate
         rows = []
         for b, (prompt, seed) in enumerate(zip(request.sample_prompts, request.sample_seeds)):
             row = {"iteration": iteration, "prompt": prompt, "group": request.group_ids[b // request.group_size],
                    "sample": b % request.group_size, "seed": seed, "reward": float(aggregate[b]),
                    "advantage": float(advantages[b])}
-            row.update({f"reward/{name}": float(values[b]) for name, values in scores.scores.items()})
+            row.update({f"reward/{name}": float(values[b]) for name, values in scores.raw.items()})
             rows.append(row)
         return rows
 
