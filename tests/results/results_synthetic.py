@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from mixgrpo.media import write_mp4
+from mixgrpo.media import contact_sheet, write_mp4
 from mixgrpo.runlog import RunLog
 
 PROMPTS = ("a red ball bouncing", "a blue cube sliding", "a green bar rotating")
@@ -36,6 +36,10 @@ def write_synthetic_run(path, *, iterations=12, lr=1e-4, videos=True, seed=0):
             "kl": 0.01 * it, "clip_fraction": 0.1, "ratio/first_step": 1.0, "window/start": it % 4,
             "window/size": 2, "nfe": 20, "time/total": 1.5, "advantage/std": 0.5,
         })
+    if videos:  # evaluation videos as the trainer writes them: outside samples.parquet
+        evals = [torch.full((3, 3, 8, 8), 0.2 * (i + 1)) for i in range(2)]
+        write_mp4(path / "videos" / "end_00_eval.mp4", evals[0], fps=4)
+        contact_sheet(evals, ["eval 0", "eval 1"], path / "videos" / "end_sheet.png")
     log.event("warning", message="synthetic run")
     log.close()
     return path
