@@ -195,6 +195,7 @@ def hif8_encode(x: torch.Tensor, *, saturate: bool = False, mode: str = "ta") ->
     elif fp16_lsb is None:
         up23 = ((1 << 13) | (m >> 10)) >= (m & 0x3FFF)
     else:
+        # Not in the pseudocode (it omits FP16 subnormals): the FP16 rule applied to the 2-bit {1, m[22]}.
         up23 = ((2 | (m >> 22)) & 0x3) >= ((fp16_lsb << 1) | 1)
     mb_r = _mantissa_bits_for_exponent(e_r)
     finite_in_range = (e_r <= 15) & ~((e_r == 15) & (mant > 0))
