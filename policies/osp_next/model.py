@@ -102,13 +102,14 @@ class OSPNextBlock(nn.Module):
     def forward(self, x_BNC: torch.Tensor, context_BLC: torch.Tensor, e_B6C: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor, key_mask: torch.Tensor | None, attend: Callable[..., torch.Tensor]) -> torch.Tensor:
         shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation.float() + e_B6C.float()).chunk(6, dim=1)
-        y = (self.norm1(x_BNC) * (1 + scale) + shift).type_as(x_BNC)
+        # float32 modulation and residuals as diffusers; addcmul promotes to float32 in one pass over the activations.
+        y = torch.addcmul(shift, self.norm1(x_BNC), 1 + scale).type_as(x_BNC)
         y = self.self_attn(y, cos, sin, attend=functools.partial(attend, backend=self.backend), key_mask=key_mask)
-        x_BNC = (x_BNC.float() + y * gate).type_as(x_BNC)
-        y = self.norm3(x_BNC.float()).type_as(x_BNC)
+        x_BNC = torch.addcmul(x_BNC, y, gate).type_as(x_BNC)
+        y = self.norm3(x_BNC).type_as(x_BNC)
         x_BNC = x_BNC + self.cross_attn(y, context_BLC, backend=self.backend)
-        y = self.ffn((self.norm2(x_BNC) * (1 + c_scale) + c_shift).type_as(x_BNC))
-        return (x_BNC.float() + y.float() * c_gate).type_as(x_BNC)
+        y = self.ffn(torch.addcmul(c_shift, self.norm2(x_BNC), 1 + c_scale).type_as(x_BNC))
+        return torch.addcmul(x_BNC, y, c_gate).type_as(x_BNC)
 
 
 class Head(nn.Module):
@@ -120,7 +121,7 @@ class Head(nn.Module):
 
     def forward(self, x_BNC: torch.Tensor, e_BC: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.modulation.float() + e_BC.float()[:, None]).chunk(2, dim=1)
-        return self.head((self.norm(x_BNC) * (1 + scale) + shift).type_as(x_BNC))
+        return self.head(torch.addcmul(shift, self.norm(x_BNC), 1 + scale).type_as(x_BNC))
 
 
 class OSPNext(nn.Module):

@@ -52,10 +52,9 @@ def apply_rope(x_BNHD: torch.Tensor, cos_BND2: torch.Tensor, sin_BND2: torch.Ten
         cos_BND2, sin_BND2: ``[B or 1, N, D/2]`` float32 tables.
 
     Returns:
-        ``[B, N, H, D]`` in the dtype of ``x_BNHD``; the rotation itself runs in float32.
+        ``[B, N, H, D]`` in the dtype of ``x_BNHD``; the rotation runs in float32 as one complex multiply (three
+        passes over the activations instead of about ten for the real-arithmetic form).
     """
-    x = x_BNHD.float().unflatten(-1, (-1, 2))
-    x1, x2 = x[..., 0], x[..., 1]
-    cos, sin = cos_BND2.unsqueeze(2), sin_BND2.unsqueeze(2)
-    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return out.flatten(-2).to(x_BNHD.dtype)
+    rotation = torch.complex(cos_BND2, sin_BND2).unsqueeze(2)
+    pairs = torch.view_as_complex(x_BNHD.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x_BNHD.dtype)
