@@ -148,14 +148,31 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
-def apply_hif8(model: nn.Module, **config: Any) -> HiF8Summary:
-    """Quantize ``model`` in place; keyword arguments are the fields of ``HiF8Config``.
+def apply_hif8(
+    model: nn.Module,
+    *,
+    targets: tuple[str, ...] = DEFAULT_LINEAR_TARGETS,
+    quantize_attention: bool = True,
+    attention_targets: tuple[str, ...] = DEFAULT_ATTENTION_TARGETS,
+    scaling: str = "current",
+    history_len: int = 16,
+    forward_target_max: float = FORWARD_TARGET_MAX,
+    backward_target_max: float = BACKWARD_TARGET_MAX,
+    saturate: bool = False,
+    backend: str = "auto",
+) -> HiF8Summary:
+    """Quantize ``model`` in place; the arguments are the fields of ``HiF8Config`` (documented there).
 
-    Example: ``apply_hif8(model)`` gives OSP-Next's recipe (ten linears per block plus Q/K/V, current
-    per-tensor scaling to 15 forward / 224 backward). Raises ValueError if a pattern matches nothing,
-    matches a module of the wrong kind, or the model is already quantized.
+    ``apply_hif8(model)`` is OSP-Next's recipe: the ten linears of every block plus Q/K/V, current
+    per-tensor scaling to 15 forward / 224 backward, TA rounding, no saturation. A config dataclass can be
+    passed as ``apply_hif8(model, **dataclasses.asdict(cfg))``. Raises ValueError if a pattern matches
+    nothing, matches a module of the wrong kind, or the model is already quantized.
     """
-    cfg = HiF8Config(**config)
+    cfg = HiF8Config(
+        targets=targets, quantize_attention=quantize_attention, attention_targets=attention_targets,
+        scaling=scaling, history_len=history_len, forward_target_max=forward_target_max,
+        backward_target_max=backward_target_max, saturate=saturate, backend=backend,
+    )
     summary = HiF8Summary(config=cfg)
     linear_hits = {pattern: 0 for pattern in cfg.targets}
     attention_hits = {pattern: 0 for pattern in cfg.attention_targets}
