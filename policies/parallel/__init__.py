@@ -1,1 +1,22 @@
+"""Sequence parallelism for OSP-Next: process groups, autograd collectives with accounting, Ulysses, SSP."""
 
+from policies.parallel.apply import (
+    SequenceParallelPlan,
+    apply_sequence_parallel,
+    remove_sequence_parallel,
+    sum_gradients,
+)
+from policies.parallel.comm import comm_scope, record_comm
+from policies.parallel.groups import SequenceParallelGroups, SequenceParallelSizes, build_groups
+
+__all__ = [
+    "SequenceParallelGroups",
+    "SequenceParallelPlan",
+    "SequenceParallelSizes",
+    "apply_sequence_parallel",
+    "build_groups",
+    "remove_sequence_parallel",
+    "comm_scope",
+    "record_comm",
+    "sum_gradients",
+]

@@ -56,6 +56,7 @@ class SequenceParallelPlan(SequencePlan):
         self._seq_len = 0
         self._full_masks: dict[int, torch.Tensor] = {}
         self._block = 0
+        self.hooks: list = []  # forward hooks installed by apply_sequence_parallel
 
     # ---- sizes and accounting labels of the current forward ----
     def begin(self, grid: tuple[int, int, int]) -> None:
@@ -203,9 +204,19 @@ def apply_sequence_parallel(
     def after(module, args, output):
         return _ScaleGrad.apply(output, 1.0 / sizes.sp_size)
 
-    model.register_forward_pre_hook(before, with_kwargs=True)
-    model.register_forward_hook(after)
+    plan.hooks = [model.register_forward_pre_hook(before, with_kwargs=True), model.register_forward_hook(after)]
     return groups
+
+
+def remove_sequence_parallel(model: nn.Module) -> None:
+    """Undo :func:`apply_sequence_parallel`: single-device plan, hooks removed (the process groups stay)."""
+    plan = model.sequence_plan
+    if not isinstance(plan, SequenceParallelPlan):
+        raise ValueError("remove_sequence_parallel: the model has no sequence-parallel plan (apply one first)")
+    for handle in plan.hooks:
+        handle.remove()
+    model.sequence_plan = SequencePlan()
+    model._tables = {}
 
 
 def sum_gradients(model: nn.Module, group: dist.ProcessGroup) -> None:
