@@ -95,7 +95,8 @@ def _to_fp8(t: torch.Tensor, dtype: torch.dtype, fmax: float) -> tuple[torch.Ten
     """Per-tensor FP8 cast: returns (t_fp8, dequant_scale) with t ~= t_fp8 * dequant_scale."""
     amax = tensor_amax(t).clamp_min(1e-8)
     scale = torch.full_like(amax, fmax) / amax
-    return (t.float() * scale).clamp(-fmax, fmax).to(dtype), scale.reciprocal()
+    # In place on the one fp32 copy: these tensors reach 10^9 elements at 720P.
+    return t.to(torch.float32, copy=True).mul_(scale).clamp_(-fmax, fmax).to(dtype), scale.reciprocal()
 
 
 def _col_major(t: torch.Tensor) -> torch.Tensor:
