@@ -186,8 +186,9 @@ def apply_sequence_parallel(
 ) -> SequenceParallelGroups:
     """Shard ``model`` (an ``OSPNext``) over ``ssp_size * ulysses_size`` ranks of ``group`` (default: world).
 
-    Every process of the world must call this (it creates process groups). Returns the groups; sum parameter
-    gradients over ``groups.sp`` (see the module docstring: this function does not all-reduce them).
+    Every member of ``group`` calls this (it creates process groups). With more ranks than S*U, consecutive
+    blocks of S*U ranks form independent sequence-parallel groups (data parallelism across them). Returns the
+    groups; sum parameter gradients over ``groups.sp`` (see the module docstring: this does not all-reduce them).
     """
     config = model.config
     sizes = SequenceParallelSizes(ssp_size=ssp_size, ulysses_size=ulysses_size, num_heads=config.num_heads,

@@ -95,23 +95,24 @@ class SequenceParallelGroups:
 def build_groups(sizes: SequenceParallelSizes, group: dist.ProcessGroup | None = None) -> SequenceParallelGroups:
     """Create the dp / sp / ssp / ulysses / full groups over ``group`` (default: the world).
 
-    Collective over the *default* group: every process of the world must call it, in the same order
-    (``torch.distributed.new_group`` requires that), even when ``group`` is a subgroup.
+    Every member of ``group`` must call this, with the same sizes; other processes need not (the groups are
+    created with group-local synchronization), so disjoint groups can be split independently.
     """
     if not dist.is_initialized():
         raise ValueError("torch.distributed is not initialised; call torch.distributed.init_process_group first")
     ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
-    sizes.check_world(len(ranks))
     me = dist.get_rank()
+    if me not in ranks:
+        raise ValueError(f"this process (global rank {me}) is not a member of the given group {ranks}")
+    sizes.check_world(len(ranks))
     sp, full_size = sizes.sp_size, sizes.full_size
     s, u = sizes.ssp_size, sizes.ulysses_size
     mine: dict[str, dist.ProcessGroup] = {}
 
     def make(name: str, members: list[int]) -> None:
-        # Every process creates every group (new_group is collective); keep only those containing this rank.
-        handle = dist.new_group(members)
+        # Members of a group create it in the same relative order (the enumeration below is the same everywhere).
         if me in members:
-            mine[name] = handle
+            mine[name] = dist.new_group(members, use_local_synchronization=True)
 
     num_dp = len(ranks) // sp
     for d in range(num_dp):
@@ -125,8 +126,6 @@ def build_groups(sizes: SequenceParallelSizes, group: dist.ProcessGroup | None =
             make("full", block[r * full_size : (r + 1) * full_size])
     for i in range(sp):
         make("dp", [ranks[d * sp + i] for d in range(num_dp)])
-    if me not in ranks:
-        raise ValueError(f"this process (global rank {me}) is not a member of the given group {ranks}")
     index = ranks.index(me)
     sp_rank = index % sp
     return SequenceParallelGroups(

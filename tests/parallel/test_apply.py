@@ -16,6 +16,7 @@ import copy
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from policies.osp_next.config import OSPNextConfig
 from policies.osp_next.model import OSPNext
@@ -57,7 +58,9 @@ def _run(model, inputs, weight):
 NATIVE, PADDED = (2, 8, 8), (3, 7, 6)  # PADDED becomes (3, 8, 8): uneven token, row and head-free shards
 
 
-def _check_equal(rank, world, cases, num_heads):
+def _check_equal(rank, world, cases, num_heads, halves=False):
+    # halves: ranks {0, 1} and {2, 3} each shard their own model inside their own subgroup.
+    group = dist.new_group([0, 1] if rank < 2 else [2, 3], use_local_synchronization=True) if halves else None
     reference = _model(num_heads)
     references = {}
     for ssp, ulysses, grid, checkpointing in cases:
@@ -67,7 +70,7 @@ def _check_equal(rank, world, cases, num_heads):
             references[grid] = _run(reference, inputs, weight)
         out_ref, grads_ref = references[grid]
         model = copy.deepcopy(reference)
-        groups = apply_sequence_parallel(model, ssp_size=ssp, ulysses_size=ulysses)
+        groups = apply_sequence_parallel(model, ssp_size=ssp, ulysses_size=ulysses, group=group)
         model.gradient_checkpointing = checkpointing
         out, grads = _run(model, inputs, weight)
         sum_gradients(model, groups.sp)
@@ -80,10 +83,15 @@ def _check_equal(rank, world, cases, num_heads):
 
 @pytest.mark.parametrize("world,cases", [
     (2, [(2, 1, NATIVE, False), (2, 1, PADDED, True), (1, 2, PADDED, False)]),
-    (4, [(4, 1, PADDED, False), (2, 2, PADDED, True), (2, 2, NATIVE, False), (1, 4, PADDED, False)]),
+    (4, [(4, 1, PADDED, False), (2, 2, PADDED, True), (2, 2, NATIVE, False), (1, 4, PADDED, False),
+         (2, 1, PADDED, False)]),  # the last: two data-parallel copies of a 2-rank SSP group
 ])
 def test_sequence_parallel_equals_one_device(world, cases):
     run_ranks(_check_equal, world, cases, 4)
+
+
+def test_sequence_parallel_inside_a_subgroup():
+    run_ranks(_check_equal, 4, [(2, 1, PADDED, False), (1, 2, NATIVE, False)], 4, True)
 
 
 def test_full_blocks_on_gcd_of_heads_count_replicas_once():
