@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from policies.quant.hif8 import hif8_round_fp32_bits
+from policies.quant.hif8 import _check_float, hif8_round_fp32_bits
 from policies.quant.scaling import (
     BACKWARD_TARGET_MAX,
     FORWARD_TARGET_MAX,
@@ -67,6 +67,7 @@ def quantize_dequantize(
     ``backend="auto"`` uses the fused Triton kernel for CUDA tensors and the torch ops otherwise; the two
     are bit-identical.
     """
+    _check_float(x, "x")
     if _use_triton(x, backend):
         from policies.quant.triton_hif8 import hif8_quantize_dequantize_triton
 
