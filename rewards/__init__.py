@@ -4,7 +4,7 @@
 Importing the built-in modules below registers their rewards.
 """
 
-from rewards import clip, pickscore, toy_fidelity, weight_free  # noqa: F401  (registration side effect)
+from rewards import clip, pickscore, toy_fidelity, videoalign, weight_free  # noqa: F401  (registration side effect)
 from rewards.base import FunctionReward, PerFrameReward, Reward, TRLReward
 from rewards.ensemble import RewardError, RewardSet, RewardSetConfig, RewardSpec, ScoreHandle, ScoreTable
 from rewards.registry import ENTRY_POINT_GROUP, available, build, register_reward
