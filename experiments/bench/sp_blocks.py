@@ -118,9 +118,11 @@ def main(argv: list[str] | None = None) -> dict:
                    **bench_mode(mode, table[name], args, world, device, dtype)}
             results["rows"].append(row)
             fwd = row["forward"]
-            log0(f"{name:5s} {mode:8s} S={row['ssp_size']} U={row['ulysses_size']}  block {row['seconds'] * 1e3:9.2f} ms"
-                 f"  comm {row['comm_seconds'] * 1e3:8.2f} ms  compute {row['compute_seconds'] * 1e3:9.2f} ms  "
-                 + "  ".join(f"{kind}: {v['calls']} calls {v['wire_bytes'] / 1e6:.2f} MB wire" for kind, v in fwd.items()))
+            collectives = "  ".join(f"{kind}: {v['calls']} calls {v['wire_bytes'] / 1e6:.2f} MB wire"
+                                    for kind, v in fwd.items())
+            log0(f"{name:5s} {mode:8s} S={row['ssp_size']} U={row['ulysses_size']}  "
+                 f"block {row['seconds'] * 1e3:9.2f} ms  comm {row['comm_seconds'] * 1e3:8.2f} ms  "
+                 f"compute {row['compute_seconds'] * 1e3:9.2f} ms  {collectives}")
         by_mode = {r["mode"]: r for r in results["rows"] if r["resolution"] == name}
         if {"ssp", "ulysses"} <= set(by_mode):
             s, u = by_mode["ssp"], by_mode["ulysses"]

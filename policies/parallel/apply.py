@@ -190,6 +190,10 @@ def apply_sequence_parallel(
     blocks of S*U ranks form independent sequence-parallel groups (data parallelism across them). Returns the
     groups; sum parameter gradients over ``groups.sp`` (see the module docstring: this does not all-reduce them).
     """
+    if not all(hasattr(model, name) for name in ("config", "blocks", "sequence_plan")):
+        raise ValueError("apply_sequence_parallel expects an OSPNext (config, blocks and sequence_plan attributes)")
+    if isinstance(model.sequence_plan, SequenceParallelPlan):
+        raise ValueError("sequence parallelism is already applied to this model; call remove_sequence_parallel first")
     config = model.config
     sizes = SequenceParallelSizes(ssp_size=ssp_size, ulysses_size=ulysses_size, num_heads=config.num_heads,
                                   sparse_ratio=config.sparse_ratio)

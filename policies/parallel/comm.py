@@ -40,11 +40,6 @@ ProcessGroup = dist.ProcessGroup | None
 _all_gather_base = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_base = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
-# --------------------------------------------------------------------------------------------------------------
-# Accounting
-# --------------------------------------------------------------------------------------------------------------
-
-
 @dataclass
 class CommLog:
     """Bytes and calls per (collective, scope, direction); direction is "forward" or "backward"."""
@@ -120,11 +115,6 @@ def _nbytes(x: torch.Tensor) -> int:
     return x.numel() * x.element_size()
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Sizes
-# --------------------------------------------------------------------------------------------------------------
-
-
 def group_size(group: ProcessGroup) -> int:
     return dist.get_world_size(group)
 
@@ -154,11 +144,6 @@ def shard(x: torch.Tensor, dim: int, sizes: Sequence[int], rank: int) -> torch.T
     """This rank's piece of ``x`` along ``dim`` (plain autograd narrow: backward zero-pads, no communication)."""
     start = sum(sizes[:rank])
     return x.narrow(dim, start, sizes[rank])
-
-
-# --------------------------------------------------------------------------------------------------------------
-# All-to-all
-# --------------------------------------------------------------------------------------------------------------
 
 
 def _all_to_all_impl(x, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes, scope, direction):
@@ -243,11 +228,6 @@ def all_to_all(
     if world == 1:
         return x
     return _AllToAll.apply(x, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes, current_scope())
-
-
-# --------------------------------------------------------------------------------------------------------------
-# All-gather / reduce-scatter / scatter
-# --------------------------------------------------------------------------------------------------------------
 
 
 def _all_gather_impl(x, group, dim, sizes, scope, direction):
@@ -339,7 +319,8 @@ def _sizes_or_even(x: torch.Tensor, dim: int, group: ProcessGroup, sizes, *, loc
     sizes = _check_sizes(sizes, world, None if local else x.shape[dim], "sizes")
     if local and sizes[group_rank(group)] != x.shape[dim]:
         raise ValueError(
-            f"sizes[{group_rank(group)}]={sizes[group_rank(group)]} must equal this rank's x.shape[{dim}]={x.shape[dim]}"
+            f"sizes[{group_rank(group)}]={sizes[group_rank(group)]} must equal this rank's "
+            f"x.shape[{dim}]={x.shape[dim]}"
         )
     return sizes
 
@@ -380,11 +361,6 @@ def scatter(x: torch.Tensor, group: ProcessGroup, *, dim: int, sizes: Sequence[i
     if group_size(group) == 1:
         return x
     return _Scatter.apply(x, group, dim, sizes, current_scope())
-
-
-# --------------------------------------------------------------------------------------------------------------
-# All-gather inside replicas
-# --------------------------------------------------------------------------------------------------------------
 
 
 class _AllGatherReplicated(torch.autograd.Function):

@@ -48,7 +48,9 @@ def row_shard(x: torch.Tensor, rows: int, sizes: Sequence[int], rank: int) -> to
     return view.narrow(1, start, sizes[rank]).reshape(x.shape[0], -1, *x.shape[2:])
 
 
-def row_gather(x: torch.Tensor, rows_per_rank: Sequence[int], group: ProcessGroup, *, grad: str = "sum") -> torch.Tensor:
+def row_gather(
+    x: torch.Tensor, rows_per_rank: Sequence[int], group: ProcessGroup, *, grad: str = "sum"
+) -> torch.Tensor:
     """Inverse of :func:`row_shard` over ``group``: ``[B', rows_u*W, ...] -> [B', rows*W, ...]``."""
     if group_size(group) == 1:
         return x

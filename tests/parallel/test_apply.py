@@ -109,6 +109,8 @@ def _check_quarter(rank, world):
         with record_comm() as log:
             sp_model(*inputs).sum().backward()
         logs[ssp] = log
+        with pytest.raises(ValueError, match="already applied"):
+            apply_sequence_parallel(sp_model, ssp_size=ssp, ulysses_size=ulysses)
     ssp_log, uly_log = logs[4], logs[1]
     for direction in ("forward", "backward"):
         for block in ("block.2", "block.3", "block.4"):  # sparse blocks after the first (which enters)
