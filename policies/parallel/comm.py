@@ -152,7 +152,9 @@ def _all_to_all_impl(x, group, scatter_dim, gather_dim, scatter_sizes, gather_si
     chunks = list(torch.split(x, scatter_sizes, dim=scatter_dim))
     even = len(set(scatter_sizes)) == 1 and len(set(gather_sizes)) == 1
     if even:
-        send = torch.stack(chunks).contiguous()
+        # Splitting a contiguous tensor along dim 0 already lays the pieces out back to back: send it as is.
+        send = x if scatter_dim == 0 and x.is_contiguous() else torch.stack(chunks)
+        send = send.reshape(world, *chunks[0].shape)
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=group)
         received = list(recv.unbind(0))
