@@ -32,8 +32,9 @@ def _require(ok: bool, message: str) -> None:
 class PolicyConfig:
     """Which policy to post-train."""
 
-    kind: Literal["toy", "wan"] = "toy"
-    """``toy``: the embedded toy world (tiny OSP-Next in pixel space); ``wan``: OSP-Next / Wan2.1 from local folders."""
+    kind: Literal["toy", "wan", "synthetic"] = "toy"
+    """``toy``: the embedded toy world (tiny OSP-Next in pixel space); ``wan``: OSP-Next / Wan2.1 from local folders;
+    ``synthetic``: an OSP-Next ``preset`` with seeded random weights and stand-in encoders (benchmarks only)."""
     weights: str | None = None
     """toy: a safetensors file of a pretrained toy base (default: the one shipped with the library)."""
     model_dir: str | None = None
@@ -50,6 +51,8 @@ class PolicyConfig:
     sparse_ratio: int = 2
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     gradient_checkpointing: bool = False
+    preset: str = "wan2.1-t2v-1.3b"
+    """synthetic: the ``OSPNextConfig`` preset whose shapes the random transformer has."""
 
     def __post_init__(self) -> None:
         if self.kind == "wan":
@@ -58,7 +61,8 @@ class PolicyConfig:
                 "policy.model_dir (or policy.transformer_path) is required when policy.kind=wan: "
                 "point it at a local diffusers-format Wan2.1 folder",
             )
-        _require(self.kind in ("toy", "wan"), f"policy.kind must be 'toy' or 'wan', got {self.kind!r}")
+        _require(self.kind in ("toy", "wan", "synthetic"),
+                 f"policy.kind must be 'toy', 'wan' or 'synthetic', got {self.kind!r}")
         _require(self.sparse_ratio >= 1, f"policy.sparse_ratio must be >= 1, got {self.sparse_ratio}")
 
 

@@ -18,6 +18,14 @@ def build_policy(cfg: PolicyConfig, *, quantization: str = "none", device: str |
         from policies.toy import build_toy_policy
 
         policy = build_toy_policy(weights=cfg.weights)
+    elif cfg.kind == "synthetic":
+        import torch
+        from policies.synthetic import build_synthetic_policy
+
+        policy = build_synthetic_policy(preset=cfg.preset, num_frames=cfg.num_frames, height=cfg.height,
+                                        width=cfg.width, layout=cfg.layout, num_full_blocks=cfg.num_full_blocks,
+                                        sparse_ratio=cfg.sparse_ratio, dtype=getattr(torch, cfg.dtype),
+                                        device=device or "cpu")
     else:
         from policies.wan import WanPolicyConfig, build_wan_policy
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mixgrpo.config import SamplerConfig
-from mixgrpo.sampler import Trajectory, sample
+from mixgrpo.sampler import Trajectory, concat_trajectories, sample
 from mixgrpo.sde import sigma_schedule
 from policies.base import Policy
 
@@ -121,6 +121,6 @@ class LocalRolloutEngine:
             videos.append(self.policy.decode(traj.latents).float().cpu())
             chunks.append(traj)
             nfe = traj.nfe
-        trajectory = Trajectory.concat(chunks) if len(chunks) > 1 else chunks[0]
+        trajectory = concat_trajectories(chunks) if len(chunks) > 1 else chunks[0]
         return RolloutResult(request=request, trajectory=trajectory, videos_BTCHW=torch.cat(videos),
                              nfe=nfe, seconds=time.perf_counter() - start)

@@ -250,6 +250,8 @@ class Trainer:
         from mixgrpo.analysis import load_run
 
         plot_reward_curves([load_run(self.run_dir)], self.run_dir / "reward_curve.png")
+        if hasattr(self.engine, "shutdown"):  # Ray workers: free their actors and placement groups
+            self.engine.shutdown()
         self.log.close()
 
 
