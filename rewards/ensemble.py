@@ -291,7 +291,11 @@ class RewardSet:
         group_ids: Sequence[Hashable] | None = None,
         metadata: Mapping[str, Sequence[Any]] | None = None,
     ) -> ScoreHandle:
-        """Start scoring without blocking. ``metadata`` values are per-sample sequences of length B."""
+        """Start scoring without blocking. ``metadata`` values are per-sample sequences of length B.
+
+        The local backend reads ``videos_BTCHW`` from its thread until ``result()`` returns: do not modify it
+        in place meanwhile (the Ray backend copies it into the object store before returning).
+        """
         validate_videos(videos_BTCHW, prompts)
         b = videos_BTCHW.shape[0]
         metadata = dict(metadata or {})

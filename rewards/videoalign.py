@@ -149,7 +149,8 @@ def load_checkpoint_state(folder: Path, step: int | None, lora: dict[str, Any] |
         raise ValueError(f"checkpoint_step={step} not found in {folder}; available steps: {steps}")
     ckpt = folder / f"checkpoint-{steps[-1] if step is None else step}"
     if (ckpt / "model.pth").is_file():
-        return {current_key(k): v for k, v in torch.load(ckpt / "model.pth", map_location="cpu", weights_only=True).items()}
+        full = torch.load(ckpt / "model.pth", map_location="cpu", weights_only=True)
+        return {current_key(k): v for k, v in full.items() if ".original_module." not in k}
     from safetensors.torch import load_file
 
     adapter_path = require_file(ckpt / "adapter_model.safetensors", "checkpoint (its adapter_model.safetensors)")
@@ -212,7 +213,9 @@ class VideoAlign(Reward):
         if self.cfg["special"]:
             processor.tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
             self.token_ids = processor.tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
-        vlm = Qwen2VLForConditionalGeneration.from_pretrained(self.base_model, local_files_only=True, dtype=torch.float32)
+        vlm = Qwen2VLForConditionalGeneration.from_pretrained(
+            self.base_model, local_files_only=True, dtype=torch.float32
+        )
         vlm.resize_token_embeddings(len(processor.tokenizer))
         head = nn.Linear(vlm.config.text_config.hidden_size, self.cfg["output_dim"], bias=False)
         state = load_checkpoint_state(self.folder, self.step, self.cfg["lora"])
@@ -228,7 +231,8 @@ class VideoAlign(Reward):
         full.update(state)
         if adapter is not None:
             lora = self.cfg["lora"]
-            merge_lora(full, adapter, alpha=lora["lora_alpha"], rank=lora["lora_r"], rslora=lora.get("use_rslora", False))
+            rslora = lora.get("use_rslora", False)
+            merge_lora(full, adapter, alpha=lora["lora_alpha"], rank=lora["lora_r"], rslora=rslora)
         missing, _ = vlm.load_state_dict(full, strict=False)
         if missing != ["lm_head.weight"] and missing:
             raise ValueError(f"Qwen2-VL weights missing after loading the checkpoint: {missing[:5]}")
@@ -244,10 +248,8 @@ class VideoAlign(Reward):
 
     def dimension_scores(self, videos_BTCHW: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Raw VQ, MQ, TA scores [B, 3] (before normalisation)."""
-        chats = [
-            [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": self.template.replace("{text_prompt}", p)}]}]
-            for p in prompts
-        ]
+        texts = [self.template.replace("{text_prompt}", p) for p in prompts]
+        chats = [[{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": t}]}] for t in texts]
         text = self.processor.apply_chat_template(chats, tokenize=False, add_generation_prompt=True)
         videos = [self._frames(v) for v in videos_BTCHW]
         batch = self.processor(text=text, videos=videos, padding=True, return_tensors="pt", do_rescale=False)

@@ -84,6 +84,6 @@ def test_registry_errors_name_the_fix(clean_registry):
 
 
 def test_builtins_registered():
-    assert {"clip_score", "hpsv2", "pickscore", "aesthetic", "jpeg_compressibility", "temporal_flicker", "toy_fidelity"} <= set(
-        rewards.available()
-    )
+    builtins = {"clip_score", "hpsv2", "pickscore", "aesthetic", "videoalign", "jpeg_compressibility",
+                "temporal_flicker", "toy_fidelity"}
+    assert builtins <= set(rewards.available())

@@ -61,7 +61,8 @@ def test_config_validation_names_the_fix():
 
 
 def test_raise_policy_names_reward_and_samples(test_rewards):
-    with RewardSet([{"name": "boom", "args": {"batch_size": 2}}]) as rs, pytest.raises(RewardError, match=r"'boom' failed on samples \['s2', 's3'\].*model exploded"):
+    expected = r"'boom' failed on samples \['s2', 's3'\].*model exploded"
+    with RewardSet([{"name": "boom", "args": {"batch_size": 2}}]) as rs, pytest.raises(RewardError, match=expected):
         rs.score(random_videos(6), PROMPTS, sample_ids=IDS)
 
 

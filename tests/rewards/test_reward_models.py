@@ -15,7 +15,8 @@ PROMPTS = ["a red cat", "a blue dog"]
 def test_clip_score_loads_checkpoint_and_matches_manual_cosine(tiny_open_clip):
     import open_clip
 
-    reward = rewards.build("clip_score", arch=tiny_open_clip["arch"], checkpoint=tiny_open_clip["checkpoint"], num_frames=2)
+    args = {"arch": tiny_open_clip["arch"], "checkpoint": tiny_open_clip["checkpoint"]}
+    reward = rewards.build("clip_score", **args, num_frames=2)
     videos = random_videos(2, t=5, h=32, w=32)
     scores = reward(videos, PROMPTS)
     saved = torch.load(tiny_open_clip["checkpoint"], weights_only=True)["state_dict"]
@@ -35,7 +36,8 @@ def test_clip_score_loads_checkpoint_and_matches_manual_cosine(tiny_open_clip):
 def test_hpsv2_uses_same_loading_path_and_rejects_missing_file(tiny_open_clip, tmp_path):
     args = {"arch": tiny_open_clip["arch"], "checkpoint": tiny_open_clip["checkpoint"]}
     videos = random_videos(2, h=40, w=56)  # non-square: exercises resize + center crop
-    torch.testing.assert_close(rewards.build("hpsv2", **args)(videos, PROMPTS), rewards.build("clip_score", **args)(videos, PROMPTS))
+    hps, clip = rewards.build("hpsv2", **args), rewards.build("clip_score", **args)
+    torch.testing.assert_close(hps(videos, PROMPTS), clip(videos, PROMPTS))
     missing = tmp_path / "HPS_v2.1_compressed.pt"
     with pytest.raises(ValueError, match=r"checkpoint=.*HPS_v2.1_compressed.pt.*not an existing file"):
         rewards.build("hpsv2", checkpoint=str(missing))

@@ -25,7 +25,8 @@ def test_frame_sampling_and_resize_rules():
     assert len(fps_frame_indices(6, video_fps=30, fps=2)) == 4  # never fewer than 4 frames
     h, w = smart_resize(480, 832, min_pixels=128 * 28 * 28, max_pixels=200704)
     assert h % 28 == 0 and w % 28 == 0 and h * w <= 200704 and abs(w / h - 832 / 480) < 0.1
-    assert current_key("base_model.model.model.layers.0.mlp.up_proj.weight") == "model.language_model.layers.0.mlp.up_proj.weight"
+    legacy = "base_model.model.model.layers.0.mlp.up_proj.weight"
+    assert current_key(legacy) == "model.language_model.layers.0.mlp.up_proj.weight"
     assert current_key("base_model.model.visual.blocks.0.attn.qkv.weight") == "model.visual.blocks.0.attn.qkv.weight"
 
 
@@ -42,7 +43,8 @@ def tiny_videoreward(tmp_path_factory):
     root = tmp_path_factory.mktemp("videoreward")
     base, ckpt = root / "Qwen2-VL-tiny", root / "VideoReward"
     vocab = {c: i for i, c in enumerate(_bytes_to_unicode().values())}
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
     for s in specials:
         vocab[s] = len(vocab)
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
@@ -68,7 +70,8 @@ def tiny_videoreward(tmp_path_factory):
     with torch.no_grad():
         vlm.model.language_model.embed_tokens.weight[-3:].normal_()
     head = torch.nn.Linear(32, 3, bias=False)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj", "embed_tokens"], init_lora_weights=False)
+    targets = ["q_proj", "v_proj", "up_proj", "embed_tokens"]
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
     peft_model = get_peft_model(vlm, lora).eval()
     (ckpt / "checkpoint-7").mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(peft_model).items()},
@@ -101,8 +104,8 @@ def test_videoalign_matches_peft_reference(tiny_videoreward):
     # Reference: the peft-wrapped model (unmerged LoRA) on frames [0, 2, 5, 7] (8 frames at 4 fps, sampled at 2 fps).
     processor = AutoProcessor.from_pretrained(tiny_videoreward["base"], padding_side="right")
     processor.tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
-    chats = [[{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": TEMPLATE.format(text_prompt=p)}]}]
-             for p in prompts]
+    texts = [TEMPLATE.format(text_prompt=p) for p in prompts]
+    chats = [[{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": t}]}] for t in texts]
     batch = processor(text=processor.apply_chat_template(chats, tokenize=False, add_generation_prompt=True),
                       videos=[v[[0, 2, 5, 7]] for v in videos], padding=True, return_tensors="pt", do_rescale=False)
     with torch.no_grad():
@@ -110,7 +113,8 @@ def test_videoalign_matches_peft_reference(tiny_videoreward):
         hidden = inner(**batch).last_hidden_state
         logits = tiny_videoreward["head"](hidden)
     ids = processor.tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
-    raw = torch.stack([logits[b, (batch["input_ids"][b] == ids[k]).nonzero()[0, 0], k] for b in range(2) for k in range(3)]).view(2, 3)
+    pos = [[int((batch["input_ids"][b] == ids[k]).nonzero()[0, 0]) for k in range(3)] for b in range(2)]
+    raw = torch.stack([logits[b, pos[b][k], k] for b in range(2) for k in range(3)]).view(2, 3)
     torch.testing.assert_close(reward.dimension_scores(videos, prompts), raw, rtol=1e-4, atol=1e-5)
     mean = torch.tensor([NORM["VQ_mean"], NORM["MQ_mean"], NORM["TA_mean"]])
     std = torch.tensor([NORM["VQ_std"], NORM["MQ_std"], NORM["TA_std"]])
