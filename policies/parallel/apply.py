@@ -120,6 +120,8 @@ class SequenceParallelPlan(SequencePlan):
             # Ulysses attention needs the whole subsequence's key mask; the model caches its sharded masks, so
             # remember the unsplit one by identity instead of gathering it in every block.
             self._full_masks[id(local)] = mine
+            while len(self._full_masks) > 16:  # the model keeps one grid's tables; old grids' masks can go
+                self._full_masks.pop(next(iter(self._full_masks)))
         return local
 
     def unshard_batch(self, x: torch.Tensor) -> torch.Tensor:
