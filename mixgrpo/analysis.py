@@ -129,6 +129,8 @@ def load_runs(paths: Sequence[PathLike | Run] | Mapping[str, PathLike]) -> RunSe
     `metrics` and `samples` gain a `run` column (first) and one `config.<section>.<key>` column per setting,
     so runs can be grouped by what differs between them (`RunSet.varying`).
     """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
     if isinstance(paths, Mapping):
         runs = [load_run(p, name=n) for n, p in paths.items()]
     else:

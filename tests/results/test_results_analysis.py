@@ -10,6 +10,7 @@ from results_synthetic import PROMPTS, TRENDS, write_synthetic_run
 
 from mixgrpo import analysis, plots
 from mixgrpo.report import default_out_dir, main
+from mixgrpo.runlog import RunLog
 
 
 def test_load_run_frames_config_events(synthetic_run):
@@ -119,3 +120,13 @@ def test_report_bad_path_fails_clearly(tmp_path, capsys):
     assert "metrics.parquet is missing" in capsys.readouterr().err
     assert main([str(tmp_path / "nowhere")]) == 2
     assert "no run directory" in capsys.readouterr().err
+
+
+def test_report_on_a_run_that_has_not_logged_yet(tmp_path, capsys):
+    RunLog(tmp_path / "fresh").write_config({"train": {"lr": 1e-4}})
+    assert main([str(tmp_path / "fresh")]) == 0
+    assert "fresh" in capsys.readouterr().out
+    assert pd.read_csv(tmp_path / "fresh" / "report" / "summary.csv")["iterations"].tolist() == [0]
+    assert (tmp_path / "fresh" / "report" / "reward_curves.png").is_file()
+    columns = analysis.load_runs(str(tmp_path / "fresh")).metrics.columns.tolist()
+    assert columns == ["run", "iteration", "config.train.lr"]
