@@ -130,7 +130,7 @@ def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
                 param.normal_(0.0, 0.02, generator=generator)
     if args.compile:
         for block in model.blocks:
-            block.compile()
+            block.compile()  # one graph per block shape, shared by all blocks (same code, params as inputs)
     return model.eval()
 
 
@@ -172,18 +172,43 @@ def profile_forward(model: OSPNext, inputs: tuple[torch.Tensor, ...], clock: Clo
 
 
 @torch.inference_mode()
-def check_attention_backends(device: torch.device, dtype: torch.dtype) -> float:
-    """Max |difference| of the auto-selected masked kernel vs SDPA with a boolean mask, on a small problem."""
-    from policies.osp_next.attention import attention, resolve_backend
+def attention_kernels(device: torch.device, dtype: torch.dtype, clock: Clock, grid: tuple[int, int, int] = (21, 45, 80),
+                      heads: int = 40) -> dict[str, Any]:
+    """Masked sparse self-attention of one 720P block ([4, 20160, 40, 128], real Skiparse padding mask): error and
+    time of each backend vs SDPA given the boolean mask."""
+    import torch.nn.functional as F
 
+    from policies.osp_next.attention import attention
+    from policies.osp_next.skiparse import padded_grid, skiparse_rearrange, valid_mask
+
+    mask = skiparse_rearrange(valid_mask(grid, 2, device=device)[None], padded_grid(grid, 2), "token", 2)
     generator = torch.Generator(device=device).manual_seed(2)
-    q, k, v = (torch.randn(4, 300, 8, 128, generator=generator, device=device, dtype=dtype) for _ in range(3))
-    mask = torch.rand(4, 300, generator=generator, device=device) > 0.2
-    chosen = resolve_backend("auto", q, masked=True)
-    error = (attention(q, k, v, key_mask=mask) - attention(q, k, v, key_mask=mask, backend="sdpa")).abs().max()
-    print(f"attention check: auto masked backend = {chosen}, max |diff| vs masked SDPA = {error.item():.2e}",
-          flush=True)
-    return error.item()
+    q, k, v = (torch.randn(4, mask.shape[1], heads, 128, generator=generator, device=device, dtype=dtype)
+               for _ in range(3))
+
+    def masked_sdpa() -> torch.Tensor:
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              attn_mask=mask[:, None, None, :]).transpose(1, 2)
+
+    candidates = {"sdpa_bool_mask": masked_sdpa, "sdpa_unmasked": lambda: attention(q, k, v, backend="sdpa")}
+    for backend in ("sdpa", "varlen", "flash"):
+        candidates[backend] = lambda backend=backend: attention(q, k, v, key_mask=mask, backend=backend)
+    reference = masked_sdpa()
+    report = {}
+    for name, fn in candidates.items():
+        try:
+            out = fn()
+            start = clock.mark()
+            for _ in range(3):
+                fn()
+            end = clock.mark()
+            clock.sync()
+            report[name] = dict(ms=clock.seconds(start, end) / 3 * 1000,
+                                max_abs_diff=(out - reference).abs().max().item())
+        except (ValueError, RuntimeError) as err:
+            report[name] = dict(error=str(err)[:200])
+        print(f"attention kernel {name:15s} {report[name]}", flush=True)
+    return report
 
 
 def main() -> None:
@@ -204,9 +229,24 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     clock = Clock(device)
-    if device.type == "cuda":
-        check_attention_backends(device, dtype)
+    kernels = attention_kernels(device, dtype, clock) if device.type == "cuda" and not args.tiny else {}
     model = build_model(args, device, dtype)
+    try:
+        rows = run_rows(model, args, device, dtype, clock)
+    except Exception as err:  # noqa: BLE001  (a compile failure must not cost the eager numbers)
+        if not args.compile:
+            raise
+        print(f"torch.compile failed ({type(err).__name__}: {str(err)[:300]}); rerunning eager", flush=True)
+        torch._dynamo.reset()
+        for block in model.blocks:
+            block._compiled_call_impl = None
+        args.compile = False
+        rows = run_rows(model, args, device, dtype, clock)
+    report(rows, args, device, kernels)
+
+
+def run_rows(model: OSPNext, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+             clock: Clock) -> list[dict[str, Any]]:
     shapes = TINY_RESOLUTIONS if args.tiny else RESOLUTIONS
     rows = []
     for resolution in args.resolutions:
@@ -223,10 +263,11 @@ def main() -> None:
                 row["profile_s"] = profile_forward(model, inputs, clock)
                 print("  profile " + ", ".join(f"{k} {v:.3f}" for k, v in row["profile_s"].items()), flush=True)
             rows.append(row)
-    report(rows, args, device)
+    return rows
 
 
-def report(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.device) -> None:
+def report(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.device,
+           kernels: dict[str, Any]) -> None:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"\n{card}, torch {torch.__version__}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
           f"compile={args.compile}, backend={args.backend}, warmup={args.warmup}, iters={args.iters}")
@@ -250,8 +291,8 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.d
                   + " | ".join(f"{prof.get(c, 0.0):.3f}" for c in categories) + " |")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump(dict(card=card, torch=torch.__version__, rows=rows, summary=summary, args=vars(args)), handle,
-                      indent=2)
+            json.dump(dict(card=card, torch=torch.__version__, rows=rows, summary=summary, args=vars(args),
+                           attention_kernels=kernels), handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Attention kernels: flash-attn (FA3, then FA2) -> torch varlen flash (masked) -> torch SDPA -> math reference.
+"""Attention kernels: flash-attn (FA3, then FA2) -> torch SDPA -> math reference; torch's varlen flash on request.
 
 Shapes legend: B batch, Nq / Nk query / key tokens, H heads, D head_dim.
 
@@ -7,17 +7,18 @@ and return ``[B, Nq, H, D]``. Skiparse padding is the only source of masks; a ro
 (possible only when a whole subsequence is padding, i.e. a tiny grid) attends to every key instead, so it stays
 finite; its queries are padding too and are cropped away, so this changes no valid output.
 
-With a mask, the flash backends pack the valid keys (varlen) instead of masking: SDPA's flash kernel takes no mask
-and its masked fallback is about half as fast on H100.
+Masks are never handed to a kernel: SDPA's fast kernels (cuDNN, flash) take none, and its masked fallback is about
+half as fast on H100. The flash backends pack the valid keys (varlen); SDPA groups the batch rows by their number of
+valid keys (Skiparse padding gives at most k*k distinct counts) and runs one unmasked call per group on the
+gathered valid keys. Both are exact: a masked key has weight 0 in the masked softmax.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
-from functools import lru_cache
 from types import ModuleType
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +26,7 @@ import torch.nn.functional as F
 BACKENDS = ("auto", "flash", "varlen", "sdpa", "math")
 
 
-@lru_cache(maxsize=1)
-def _flash_module() -> ModuleType | None:
+def _import_flash() -> ModuleType | None:
     """flash_attn_interface (FA3, Hopper) if importable, else flash_attn (FA2), else None."""
     for name in ("flash_attn_interface", "flash_attn"):
         try:
@@ -36,12 +36,7 @@ def _flash_module() -> ModuleType | None:
     return None
 
 
-def flash_available() -> bool:
-    return _flash_module() is not None
-
-
-@lru_cache(maxsize=1)
-def _torch_varlen() -> Callable[..., torch.Tensor] | None:
+def _import_torch_varlen() -> Callable[..., torch.Tensor] | None:
     """torch.nn.attention.varlen.varlen_attn (torch >= 2.9, CUDA flash kernel) if present."""
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -50,9 +45,18 @@ def _torch_varlen() -> Callable[..., torch.Tensor] | None:
     return varlen_attn
 
 
+# Resolved once at import: plain module constants keep torch.compile from tracing import machinery.
+_FLASH = _import_flash()
+_TORCH_VARLEN = _import_torch_varlen()
+
+
+def flash_available() -> bool:
+    return _FLASH is not None
+
+
 def resolve_backend(backend: str, q: torch.Tensor, masked: bool = False) -> str:
-    """Which kernel "auto" means: flash-attn on CUDA half precision if installed; else torch's varlen flash kernel
-    for masked calls, SDPA otherwise."""
+    """Which kernel "auto" means: flash-attn on CUDA half precision if installed, else SDPA. (torch's varlen flash
+    kernel, "varlen", measured slower than SDPA's cuDNN kernel on H100; see experiments/bench/RESULTS.md.)"""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
@@ -60,8 +64,6 @@ def resolve_backend(backend: str, q: torch.Tensor, masked: bool = False) -> str:
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         if flash_available():
             return "flash"
-        if masked and _torch_varlen() is not None:
-            return "varlen"
     return "sdpa"
 
 
@@ -85,32 +87,65 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.einsum("bhqk,bkhd->bqhd", scores_BHQK.softmax(dim=-1), v)
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   key_mask: torch.Tensor | None = None) -> torch.Tensor:
-    mask = None if key_mask is None else _fill_empty_rows(key_mask)[:, None, None, :]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-    return out.transpose(1, 2)
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
-class _KeyPacking:
-    """Indices of the valid keys and their cumulative lengths, cached per mask tensor: the model keeps its masks
-    for the whole run, and computing them needs a device sync (nonzero)."""
+class _MaskCache:
+    """Index tensors derived from a key mask, cached per mask object: the model keeps its masks for the whole run,
+    and deriving them needs a device sync (nonzero, tolist). Kept out of torch.compile graphs."""
 
     def __init__(self) -> None:
-        self._entries: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._entries: list[tuple[torch.Tensor, str, Any]] = []
 
-    def __call__(self, key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        for mask, index, cu_k in self._entries:
-            if mask is key_mask:
-                return index, cu_k
-        filled = _fill_empty_rows(key_mask)
-        index = filled.reshape(-1).nonzero().squeeze(1)
-        cu_k = F.pad(filled.sum(dim=1, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
-        self._entries = [(key_mask, index, cu_k)] + self._entries[:7]
-        return index, cu_k
+    @torch.compiler.disable
+    def __call__(self, key_mask: torch.Tensor, kind: str) -> Any:
+        for mask, entry_kind, value in self._entries:
+            if mask is key_mask and entry_kind == kind:
+                return value
+        value = _DERIVE[kind](_fill_empty_rows(key_mask))
+        self._entries = [(key_mask, kind, value)] + self._entries[:7]
+        return value
 
 
-_key_packing = _KeyPacking()
+def _key_groups(mask: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor, int]], torch.Tensor | None]:
+    """Rows grouped by valid-key count: [(rows [G], flat key index [G*count], count)], and the permutation that
+    puts the concatenated group outputs back in row order (None when there is one group of all rows)."""
+    counts = mask.sum(dim=1)
+    groups = []
+    for count in sorted(set(counts.tolist())):
+        rows = (counts == count).nonzero().squeeze(1)
+        positions = mask[rows].nonzero()[:, 1].view(len(rows), count)
+        groups.append((rows, (rows[:, None] * mask.shape[1] + positions).reshape(-1), count))
+    if len(groups) == 1:
+        return groups, None
+    return groups, torch.cat([rows for rows, _, _ in groups]).argsort()
+
+
+def _key_packing(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat index of the valid keys and their cumulative lengths (varlen kernels)."""
+    cu_k = F.pad(mask.sum(dim=1, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
+    return mask.reshape(-1).nonzero().squeeze(1), cu_k
+
+
+_DERIVE = {"groups": _key_groups, "packing": _key_packing}
+_mask_cache = _MaskCache()
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """torch SDPA; with a mask, one unmasked call per group of rows with equally many valid keys."""
+    if key_mask is None:
+        return _sdpa(q, k, v)
+    groups, order = _mask_cache(key_mask, "groups")
+    keys, values = k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:])
+    outs = []
+    for rows, flat_keys, count in groups:
+        shape = (len(rows), count, *k.shape[2:])
+        q_rows = q if order is None else q.index_select(0, rows)
+        outs.append(_sdpa(q_rows, keys.index_select(0, flat_keys).view(shape),
+                          values.index_select(0, flat_keys).view(shape)))
+    return outs[0] if order is None else torch.cat(outs).index_select(0, order)
 
 
 def _packed_attention(kernel: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -122,7 +157,7 @@ def _packed_attention(kernel: Callable[..., torch.Tensor], q: torch.Tensor, k: t
     if key_mask is None:
         cu_k = torch.arange(0, (batch + 1) * num_k, num_k, dtype=torch.int32, device=q.device)
     else:
-        index, cu_k = _key_packing(key_mask)
+        index, cu_k = _mask_cache(key_mask, "packing")
         keys, values = keys.index_select(0, index), values.index_select(0, index)
     # num_k bounds every packed length; passing the bound avoids a device sync.
     out = kernel(q.reshape(batch * num_q, *q.shape[2:]), keys, values, cu_q, cu_k, num_q, num_k)
@@ -133,7 +168,7 @@ def _packed_attention(kernel: Callable[..., torch.Tensor], q: torch.Tensor, k: t
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """flash-attn package (FA3 or FA2); masked calls go through its varlen kernel."""
-    module = _flash_module()
+    module = _FLASH
     if module is None:
         raise ValueError("attention backend 'flash' needs flash_attn_interface (FA3) or flash_attn (FA2) installed; "
                          "install one or use backend='sdpa'")
@@ -146,7 +181,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """torch's own varlen flash kernel (CUDA, fp16/bf16)."""
-    kernel = _torch_varlen()
+    kernel = _TORCH_VARLEN
     if kernel is None:
         raise ValueError("attention backend 'varlen' needs torch >= 2.9 (torch.nn.attention.varlen); "
                          "upgrade torch or use backend='sdpa'")

@@ -44,6 +44,19 @@ def rope_tables(angles: torch.Tensor, *, device: torch.device | str | None = Non
     return torch.cos(angles).to(device, torch.float32), torch.sin(angles).to(device, torch.float32)
 
 
+def rotate_pairs_real(x_BNHD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos) on float32 channel pairs; cos/sin broadcast to pairs."""
+    x = x_BNHD.float().unflatten(-1, (-1, 2))
+    x1, x2 = x[..., 0], x[..., 1]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).to(x_BNHD.dtype)
+
+
+def rotate_pairs_complex(x_BNHD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The same rotation as one complex multiply (three passes over the activations instead of about ten)."""
+    pairs = torch.view_as_complex(x_BNHD.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2).to(x_BNHD.dtype)
+
+
 def apply_rope(x_BNHD: torch.Tensor, cos_BND2: torch.Tensor, sin_BND2: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent channel pairs (2i, 2i+1) of every head by the token's angles (Wan's complex convention).
 
@@ -52,9 +65,8 @@ def apply_rope(x_BNHD: torch.Tensor, cos_BND2: torch.Tensor, sin_BND2: torch.Ten
         cos_BND2, sin_BND2: ``[B or 1, N, D/2]`` float32 tables.
 
     Returns:
-        ``[B, N, H, D]`` in the dtype of ``x_BNHD``; the rotation runs in float32 as one complex multiply (three
-        passes over the activations instead of about ten for the real-arithmetic form).
+        ``[B, N, H, D]`` in the dtype of ``x_BNHD``; the rotation runs in float32: complex form in eager mode,
+        real form under torch.compile (inductor fuses it into one kernel; it does not lower complex tensors).
     """
-    rotation = torch.complex(cos_BND2, sin_BND2).unsqueeze(2)
-    pairs = torch.view_as_complex(x_BNHD.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * rotation).flatten(-2).to(x_BNHD.dtype)
+    rotate = rotate_pairs_real if torch.compiler.is_compiling() else rotate_pairs_complex
+    return rotate(x_BNHD, cos_BND2.unsqueeze(2), sin_BND2.unsqueeze(2))

@@ -259,3 +259,17 @@ def test_rope_tables_follow_tokens_through_skiparse():
     mask = masks["group"]
     assert mask.shape == cos.shape[:2] and int(mask.sum()) == 3 * 30
     assert (cos[~mask] == 1).all() and (sin[~mask] == 0).all()  # padding: angle 0
+
+
+def test_rope_real_and_complex_forms_agree():
+    from policies.osp_next.rope import rotate_pairs_complex, rotate_pairs_real
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 3, 8, generator=g)
+    angles = torch.randn(2, 5, 1, 4, generator=g)
+    real = rotate_pairs_real(x, angles.cos(), angles.sin())
+    torch.testing.assert_close(rotate_pairs_complex(x, angles.cos(), angles.sin()), real, rtol=1e-6, atol=1e-6)
+    # Pair (0, 1) of token 0, head 0 rotated by hand.
+    c, s = angles[0, 0, 0, 0].cos(), angles[0, 0, 0, 0].sin()
+    x1, x2 = x[0, 0, 0, 0], x[0, 0, 0, 1]
+    torch.testing.assert_close(real[0, 0, 0, :2], torch.stack([x1 * c - x2 * s, x1 * s + x2 * c]))
