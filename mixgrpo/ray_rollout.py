@@ -76,11 +76,25 @@ def chunk_tensors(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict
 
 # ---- the cluster ----
 
-def ensure_ray(num_cpus: int | None = None) -> str:
+def gpus_without(visible: str | None, device_count: int, driver_index: int) -> str:
+    """``CUDA_VISIBLE_DEVICES`` for a local Ray instance: the driver's visible GPUs minus the learner's own.
+
+    ``visible`` is the driver's ``CUDA_VISIBLE_DEVICES`` (None: all ``device_count`` GPUs); ``driver_index`` is
+    the learner's device index among them. Ray only hands out what it sees, so workers never share its GPU.
+    """
+    ids = [i for i in visible.split(",") if i] if visible is not None else [str(i) for i in range(device_count)]
+    if not 0 <= driver_index < len(ids):
+        raise ValueError(f"train.device index {driver_index} is not among the {len(ids)} visible GPUs {ids}; "
+                         "pick a visible cuda device")
+    return ",".join(ids[:driver_index] + ids[driver_index + 1:])
+
+
+def ensure_ray(num_cpus: int | None = None, *, driver_gpu: int | None = None) -> str:
     """Join the cluster named by ``RAY_ADDRESS`` (``ray job submit`` sets it), else start a private local instance.
 
     Returns ``"connected"`` (already initialised), ``"joined"`` or ``"started"``. The local instance has no
-    dashboard; ``address="local"`` keeps it from silently joining some other cluster started on this machine.
+    dashboard; ``address="local"`` keeps it from silently joining another cluster started on this machine.
+    ``driver_gpu``: the learner's GPU index, hidden from a local instance so no worker is placed on it.
     """
     import ray
 
@@ -89,23 +103,32 @@ def ensure_ray(num_cpus: int | None = None) -> str:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return "joined"
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if driver_gpu is not None:
+        # Ray reads the GPUs it may use from this variable when it starts; the driver's CUDA context is unaffected.
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus_without(saved, torch.cuda.device_count(), driver_gpu)
+    try:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    finally:
+        if driver_gpu is not None:
+            if saved is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = saved
     return "started"
 
 
-def missing_resources(*, num_workers: int, sp_size: int, use_gpu: bool, total: dict[str, float],
-                      per_node: list[dict[str, float]]) -> list[str]:
-    """What a run lacks: one CPU (and one GPU) per rank, and ``sp_size`` of them on one node for each group."""
+def missing_resources(*, num_workers: int, sp_size: int, use_gpu: bool, available: dict[str, float],
+                      total: dict[str, float], per_node: list[dict[str, float]]) -> list[str]:
+    """What a run lacks: one CPU (and one GPU) per rank free now, and ``sp_size`` of them on one node per group."""
     ranks = num_workers * sp_size
-    missing = []
-    if total.get("CPU", 0) < ranks:
-        missing.append(f"{ranks} CPUs for {num_workers} worker groups x sp_size {sp_size} "
-                       f"(the cluster has {total.get('CPU', 0):g})")
     kinds = ["CPU"] + (["GPU"] if use_gpu else [])
-    if use_gpu and total.get("GPU", 0) < ranks:
-        missing.append(f"{ranks} GPUs for {num_workers} worker groups x sp_size {sp_size} "
-                       f"(the cluster has {total.get('GPU', 0):g})")
+    missing = []
+    for kind in kinds:
+        if available.get(kind, 0) < ranks:
+            missing.append(f"{ranks} {kind}s for {num_workers} worker groups x sp_size {sp_size} "
+                           f"({available.get(kind, 0):g} free of {total.get(kind, 0):g} in the cluster)")
     for kind in kinds:
         biggest = max((node.get(kind, 0) for node in per_node), default=0)
         if sp_size > 1 and biggest < sp_size:
@@ -119,7 +142,7 @@ def preflight(*, num_workers: int, sp_size: int, use_gpu: bool) -> None:
 
     per_node = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     missing = missing_resources(num_workers=num_workers, sp_size=sp_size, use_gpu=use_gpu,
-                                total=ray.cluster_resources(), per_node=per_node)
+                                available=ray.available_resources(), total=ray.cluster_resources(), per_node=per_node)
     if missing:
         raise RuntimeError("rollout resources are not available: need " + "; ".join(missing) +
                            ". Lower rollout.num_workers or rollout.sp_size, or add nodes to the cluster.")
@@ -234,7 +257,7 @@ class RayRolloutEngine:
         self.on_event = on_event or (lambda kind, **fields: None)
         self._policy = policy
         self._weight_refs: list[Any] = []
-        ensure_ray()
+        ensure_ray(driver_gpu=(device.index or 0) if self.use_gpu and policy is not None else None)
         preflight(num_workers=self.num_workers, sp_size=self.sp_size, use_gpu=self.use_gpu)
         self._actor_cls = ray.remote(num_cpus=1, num_gpus=1 if self.use_gpu else 0, max_restarts=0)(RolloutWorker)
         self._cfg_dict = cfg.to_dict()

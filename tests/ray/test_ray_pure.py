@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mixgrpo.ray_rollout import chunk_tensors, contiguous_shares, missing_resources, sp_degrees
+from mixgrpo.ray_rollout import chunk_tensors, contiguous_shares, gpus_without, missing_resources, sp_degrees
 
 
 def test_shares_cover_every_group_once_in_order():
@@ -38,13 +38,25 @@ def test_chunks_respect_the_size_and_keep_every_tensor_in_order():
 
 
 def test_missing_resources_name_cpus_gpus_and_the_node_an_sp_group_needs():
-    one_node = [{"CPU": 16.0, "GPU": 8.0}]
-    assert missing_resources(num_workers=2, sp_size=4, use_gpu=True, total=one_node[0], per_node=one_node) == []
-    missing = missing_resources(num_workers=3, sp_size=4, use_gpu=True, total=one_node[0], per_node=one_node)
-    assert missing == ["12 GPUs for 3 worker groups x sp_size 4 (the cluster has 8)"]
-    two_small = [{"CPU": 8.0, "GPU": 2.0}, {"CPU": 8.0, "GPU": 2.0}]
-    missing = missing_resources(num_workers=1, sp_size=4, use_gpu=True, total={"CPU": 16.0, "GPU": 4.0},
-                                per_node=two_small)
+    node = {"CPU": 16.0, "GPU": 8.0}
+    ok = missing_resources(num_workers=2, sp_size=4, use_gpu=True, available=node, total=node, per_node=[node])
+    assert ok == []
+    missing = missing_resources(num_workers=3, sp_size=4, use_gpu=True, available={"CPU": 16.0, "GPU": 7.0},
+                                total=node, per_node=[node])
+    assert missing == ["12 GPUs for 3 worker groups x sp_size 4 (7 free of 8 in the cluster)"]
+    small = {"CPU": 8.0, "GPU": 2.0}
+    both = {"CPU": 16.0, "GPU": 4.0}
+    missing = missing_resources(num_workers=1, sp_size=4, use_gpu=True, available=both, total=both,
+                                per_node=[small, small])
     assert missing == ["a node with 4 GPUs for one sequence-parallel group (the largest has 2)"]
-    assert missing_resources(num_workers=5, sp_size=1, use_gpu=False, total={"CPU": 4.0},
-                             per_node=[{"CPU": 4.0}]) == ["5 CPUs for 5 worker groups x sp_size 1 (the cluster has 4)"]
+    cpus = {"CPU": 4.0}
+    assert missing_resources(num_workers=5, sp_size=1, use_gpu=False, available=cpus, total=cpus, per_node=[cpus]) \
+        == ["5 CPUs for 5 worker groups x sp_size 1 (4 free of 4 in the cluster)"]
+
+
+def test_a_local_ray_instance_never_sees_the_learners_gpu():
+    assert gpus_without(None, 4, 0) == "1,2,3"
+    assert gpus_without("4,5,6,7", 4, 2) == "4,5,7"  # the index is among the visible devices
+    assert gpus_without("3", 1, 0) == ""
+    with pytest.raises(ValueError, match="train.device index 2 is not among the 2 visible GPUs"):
+        gpus_without("0,1", 2, 2)
