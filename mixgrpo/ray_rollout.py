@@ -132,7 +132,8 @@ def missing_resources(*, num_workers: int, sp_size: int, use_gpu: bool, availabl
     for kind in kinds:
         biggest = max((node.get(kind, 0) for node in per_node), default=0)
         if sp_size > 1 and biggest < sp_size:
-            missing.append(f"a node with {sp_size} {kind}s for one sequence-parallel group (the largest has {biggest:g})")
+            missing.append(f"a node with {sp_size} {kind}s for one sequence-parallel group "
+                           f"(the largest has {biggest:g})")
     return missing
 
 
@@ -202,8 +203,8 @@ class RolloutWorker:
         transformer = self.policy.transformer
         sparse_ratio = getattr(getattr(transformer, "config", None), "sparse_ratio", None)
         if sparse_ratio is None:
-            raise ValueError(f"rollout.sp_size={self.world_size} needs an OSP-Next transformer (policy.kind wan or "
-                             f"synthetic); {type(transformer).__name__} has no sequence-parallel plan: set rollout.sp_size=1")
+            raise ValueError(f"rollout.sp_size={self.world_size} needs an OSP-Next transformer; "
+                             f"{type(transformer).__name__} has no sequence-parallel plan: set rollout.sp_size=1")
         ssp, ulysses = sp_degrees(self.world_size, sparse_ratio)
         apply_sequence_parallel(transformer, ssp_size=ssp, ulysses_size=ulysses)
 
@@ -257,7 +258,7 @@ class RayRolloutEngine:
         self.on_event = on_event or (lambda kind, **fields: None)
         self._policy = policy
         self._weight_refs: list[Any] = []
-        ensure_ray(driver_gpu=(device.index or 0) if self.use_gpu and policy is not None else None)
+        how = ensure_ray(driver_gpu=(device.index or 0) if self.use_gpu and policy is not None else None)
         preflight(num_workers=self.num_workers, sp_size=self.sp_size, use_gpu=self.use_gpu)
         self._actor_cls = ray.remote(num_cpus=1, num_gpus=1 if self.use_gpu else 0, max_restarts=0)(RolloutWorker)
         self._cfg_dict = cfg.to_dict()
@@ -266,6 +267,8 @@ class RayRolloutEngine:
             self.groups.append(self._reserve_group())
         for group in self.groups:
             self._setup_group(group)
+        self.on_event("rollout_workers_started", ray=how, num_workers=self.num_workers, sp_size=self.sp_size,
+                      gpu=self.use_gpu)
 
     # ---- worker groups ----
 
@@ -277,7 +280,8 @@ class RayRolloutEngine:
         pg = placement_group([bundle] * self.sp_size, strategy="STRICT_PACK")  # an SSP group never spans nodes
         if not pg.wait(PLACEMENT_TIMEOUT_S):
             raise RuntimeError(f"a rollout worker group ({self.sp_size} x {bundle}) got no resources within "
-                               f"{PLACEMENT_TIMEOUT_S:g} s; check `ray status` and lower rollout.num_workers or sp_size")
+                               f"{PLACEMENT_TIMEOUT_S:g} s; check `ray status` and lower rollout.num_workers "
+                               "or rollout.sp_size")
         actors = [self._actor_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
             placement_group=pg, placement_group_bundle_index=rank)).remote(self._cfg_dict, rank, self.sp_size)
             for rank in range(self.sp_size)]
@@ -346,9 +350,10 @@ class RayRolloutEngine:
             if all(r in finished for r in inflight[w]):
                 results[w] = finished[inflight.pop(w)[0]]
         ordered = [results[w] for w in sorted(results)]
+        trajectories = [r.trajectory for r in ordered]
         return RolloutResult(
             request=request,
-            trajectory=concat_trajectories([r.trajectory for r in ordered]) if len(ordered) > 1 else ordered[0].trajectory,
+            trajectory=concat_trajectories(trajectories) if len(trajectories) > 1 else trajectories[0],
             videos_BTCHW=torch.cat([r.videos_BTCHW for r in ordered]),
             nfe=ordered[0].nfe,
             seconds=time.perf_counter() - start,

@@ -37,8 +37,8 @@ CLUSTER_CPUS = 4
 def tiny(weights, *extra):
     return ["sampler.num_steps=4", "window.size=2", "window.shift_interval=1", "rollout.prompts_per_iteration=2",
             "rollout.group_size=2", "rollout.batch_size=2", "train.num_videos=1", "train.device=cpu",
-            "learner.micro_batch_size=2", "train.threads=1", f"policy.weights={weights}", f"train.iterations={ITERATIONS}",
-            "train.checkpoint_every=1", "train.keep_checkpoints=5", *extra]
+            "learner.micro_batch_size=2", "train.threads=1", f"policy.weights={weights}",
+            f"train.iterations={ITERATIONS}", "train.checkpoint_every=1", "train.keep_checkpoints=5", *extra]
 
 
 def ray_overrides(workers=2):
@@ -122,6 +122,7 @@ def test_a_worker_killed_mid_iteration_is_replaced_and_no_sample_changes(straigh
     trainer.run()
     assert KillingEngine.killed
     events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    assert events[0]["kind"] == "rollout_workers_started" and events[0]["ray"] == "connected"
     restarts = [e for e in events if e["kind"] == "worker_restarted"]
     assert len(restarts) == 1
     assert restarts[0]["worker_group"] == 1 and restarts[0]["iteration"] == 1 and restarts[0]["redone_groups"] == [1]
@@ -156,6 +157,9 @@ def test_driver_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(s
     assert expected.keys() == resumed.keys()
     for name in expected:
         assert torch.equal(expected[name], resumed[name]), name
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert [e["ray"] for e in events if e["kind"] == "rollout_workers_started"] == ["joined", "joined"]
+    assert [e["iteration"] for e in events if e["kind"] == "resume"] == [ITERATIONS - 1]
     run = load_run(run_dir)
     assert list(run.metrics["iteration"]) == list(range(ITERATIONS))
     columns = ["iteration", "prompt", "seed", "reward"]
