@@ -104,9 +104,17 @@ def test_two_workers_give_the_local_rollouts_and_updates_bit_for_bit(straight):
 
 
 class KillingEngine(RayRolloutEngine):
-    """Kills rank 0 of worker group 1 right after its share of iteration 1 was submitted (once)."""
+    """Kills worker group 0 just before the weights of iteration 0's update are synced, and rank 0 of group 1
+    right after its share of iteration 1 was submitted (once each)."""
 
     killed = False
+    syncs = 0
+
+    def sync_weights(self, tensors):
+        KillingEngine.syncs += 1
+        if KillingEngine.syncs == 2:  # the first sync publishes the initial weights before iteration 0
+            ray.kill(self.groups[0].actors[0], no_restart=True)
+        super().sync_weights(tensors)
 
     def _submit(self, w, part):
         refs = super()._submit(w, part)
@@ -124,9 +132,9 @@ def test_a_worker_killed_mid_iteration_is_replaced_and_no_sample_changes(straigh
     events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
     assert events[0]["kind"] == "rollout_workers_started" and events[0]["ray"] == "connected"
     restarts = [e for e in events if e["kind"] == "worker_restarted"]
-    assert len(restarts) == 1
-    assert restarts[0]["worker_group"] == 1 and restarts[0]["iteration"] == 1 and restarts[0]["redone_groups"] == [1]
-    # The recreated group sampled iteration 1 with the weights synced after iteration 0's update.
+    assert [(e["worker_group"], e["iteration"], e["redone_groups"]) for e in restarts] == [(0, None, []), (1, 1, [1])]
+    assert all(e["error"].startswith("ActorDiedError") for e in restarts)
+    # Both recreated groups sampled iteration 1 with the weights synced after iteration 0's update.
     killed, undisturbed = load_run(tmp_path / "run"), load_run(straight["ray"]["dir"])
     columns = ["iteration", "prompt", "group", "sample", "seed", "reward"]
     pd.testing.assert_frame_equal(killed.samples[columns], undisturbed.samples[columns])
