@@ -7,8 +7,8 @@ and return ``[B, Nq, H, D]``. Skiparse padding is the only source of masks; a ro
 (possible only when a whole subsequence is padding, i.e. a tiny grid) attends to every key instead, so it stays
 finite; its queries are padding too and are cropped away, so this changes no valid output.
 
-Masks are never handed to a kernel: SDPA's fast kernels (cuDNN, flash) take none, and its masked fallback is about
-half as fast on H100. The flash backends pack the valid keys (varlen); SDPA groups the batch rows by their number of
+Masks are never handed to a kernel: SDPA's fast kernels (cuDNN, flash) take none, and its masked fallback was 1.4x
+slower on H100 (experiments/bench/RESULTS.md). The flash backends pack the valid keys (varlen); SDPA groups the batch rows by their number of
 valid keys (Skiparse padding gives at most k*k distinct counts) and runs one unmasked call per group on the
 gathered valid keys. Both are exact: a masked key has weight 0 in the masked softmax.
 """

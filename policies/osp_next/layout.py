@@ -101,20 +101,6 @@ def repeat_per_subsequence(x_B: torch.Tensor, k: int) -> torch.Tensor:
     return x_B.repeat(k * k, *([1] * (x_B.dim() - 1)))
 
 
-@dataclass
-class SparseInputs:
-    """Per-pattern tensors of the sparse blocks, built once per forward and already ``shard_batch``-ed."""
-
-    context: torch.Tensor
-    """``[P*B, L, C]`` text states."""
-    modulation: torch.Tensor
-    """``[P*B, 6, C]`` time modulation."""
-    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    """pattern -> (cos, sin), each ``[P*B, N'/P, D2]``."""
-    key_mask: dict[str, torch.Tensor | None]
-    """pattern -> ``[P*B, N'/P]`` bool (True = real token), None when nothing is padded."""
-
-
 def sparse_position_tables(
     plan: SequencePlan, geometry: SparseGeometry, patterns: set[str], *, angles_ND2: torch.Tensor, batch: int,
     device: torch.device,
