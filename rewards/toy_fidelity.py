@@ -3,7 +3,7 @@
 Each caption ``"a <colour> <shape> moving <direction>"`` (grammar in ``policies.toy.world``) is checked from
 pixels on three attributes, each scored in [0, 1] with partial credit so that RL has a slope to climb:
 
-- colour: mean foreground colour vs the asked colour, ``exp(-d^2 / (2 * colour_sigma^2))``.
+- colour: the object's fitted colour vs the asked colour, ``exp(-d^2 / (2 * colour_sigma^2))``.
 - shape: per frame, the foreground alpha is compared (soft IoU) with a template of every shape placed at the
   measured centroid with the measured area; score = softmax probability of the asked shape over the IoUs
   (temperature ``shape_temperature``) times how well its template fits (IoU ramp from 0.2 to 0.8).
@@ -35,7 +35,7 @@ from policies.toy.world import (
     shape_coverage,
     size_bounds,
 )
-from rewards.base import Reward
+from rewards.base import Reward, validate_videos
 from rewards.registry import register_reward
 
 ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "direction")
@@ -45,7 +45,8 @@ def foreground_alpha(videos_BTCHW: torch.Tensor, *, alpha_floor: float = 0.2) ->
     """Estimate the object's colour and per-pixel opacity.
 
     Returns:
-        colour_BC: mean object colour (background colour when nothing stands out).
+        colour_BC: object colour, fitted by least squares to the alpha-composited pixels (the background
+            colour when nothing stands out).
         alpha_BTHW: in [0, 1], 1 where the pixel is the object colour, 0 where it is background.
     """
     background_C = torch.tensor(BACKGROUND, dtype=videos_BTCHW.dtype, device=videos_BTCHW.device)
@@ -148,6 +149,7 @@ class ToyFidelityReward(Reward):
 
     def breakdown(self, videos_BTCHW: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Scores ``[B]`` in [0, 1] per attribute (keys ``ATTRIBUTES``) plus ``"total"`` (their mean)."""
+        validate_videos(videos_BTCHW, prompts)
         videos_BTCHW = videos_BTCHW.float()
         scenes = [parse_caption(p) for p in prompts]
         device = videos_BTCHW.device

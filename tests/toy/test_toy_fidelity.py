@@ -79,5 +79,7 @@ def test_scores_are_deterministic_and_bad_inputs_rejected(reward, truth):
     assert torch.equal(reward(truth[:4], PROMPTS[:4]), reward(truth[:4], PROMPTS[:4]))
     with pytest.raises(ValueError, match="'purple'"):
         reward(truth[:1], ["a purple circle moving left"])
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        reward.breakdown(truth[:1] * 2, PROMPTS[:1])
     with pytest.raises(ValueError, match="colour_sigma"):
         rewards.build("toy_fidelity", colour_sigma=0.0)
