@@ -134,6 +134,7 @@ class Learner:
             guidance_scale=self.sampler_cfg.guidance_scale,
             eta=self.sampler_cfg.eta,
             sde_kind=self.sampler_cfg.sde_kind,
+            separate_uncond=not reference,  # backward through the cond rows only
         )
 
     # ---- one rollout batch -> optimizer steps ----
@@ -144,14 +145,15 @@ class Learner:
         num_samples = batch.advantages_B.shape[0]
         order = torch.randperm(num_samples, generator=generator)
         minibatches = [m for m in order.chunk(self.cfg.optimizer_steps) if m.numel() > 0]
+        mask_BS = batch.train_mask_BS.cpu()  # indices are built on the CPU, whatever the batch's device
         totals = {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "ratio/mean": 0.0, "terms": 0}
         ratio_min, ratio_max, first_ratio, grad_norms = math.inf, -math.inf, None, []
         for minibatch in minibatches:
             self.optimizer.zero_grad(set_to_none=True)
-            trained = int(batch.train_mask_BS[minibatch].sum())
+            trained = int(mask_BS[minibatch].sum())
             for micro in minibatch.split(self.cfg.micro_batch_size):
-                for step in range(batch.train_mask_BS.shape[1]):
-                    rows = micro[batch.train_mask_BS[micro, step]]
+                for step in range(mask_BS.shape[1]):
+                    rows = micro[mask_BS[micro, step]]
                     if rows.numel() == 0:
                         continue
                     out = self._micro_step(batch, step, rows, scale=rows.numel() / trained)

@@ -166,8 +166,13 @@ def guided_velocity(
     *,
     dtype: torch.dtype = torch.float32,
     detach_uncond: bool = False,
+    separate_uncond: bool = False,
 ) -> torch.Tensor:
     """fp32 velocity at (x, sigma); with negative text states, CFG from one batched cond+uncond call.
+
+    ``separate_uncond`` (with ``detach_uncond``, under grad) runs the uncond rows in their own call under no_grad,
+    so backward touches only the cond rows: half the backward compute and activation memory of the learner. The
+    forward values then match the rollout's batched call only up to the model's batch invariance.
 
     ``negative_text_states_BLD`` is ``[B or 1, L, D]`` with the same L as the prompts (pad both, e.g. to 512 as Wan
     does). ``detach_uncond`` stops the gradient through the uncond half (Flow-GRPO, OSP-Next); the forward value is
@@ -182,6 +187,11 @@ def guided_velocity(
         raise ValueError(f"negative_text_states_BLD {tuple(neg.shape)} must be [B or 1, L, D] with the prompts' "
                          f"L, D {tuple(text_states_BLD.shape[1:])}; pad both to the same token length")
     neg = neg.expand(num, -1, -1).to(text_states_BLD.dtype)
+    if separate_uncond and detach_uncond and torch.is_grad_enabled():
+        with torch.no_grad():
+            v_uncond = velocity_fn(x_BCTHW.to(dtype), sigma_B, neg).float()
+        v_cond = velocity_fn(x_BCTHW.to(dtype), sigma_B, text_states_BLD).float()
+        return v_uncond + guidance_scale * (v_cond - v_uncond)
     x2 = torch.cat([x_BCTHW, x_BCTHW]).to(dtype)
     v_both = velocity_fn(x2, torch.cat([sigma_B, sigma_B]), torch.cat([text_states_BLD, neg])).float()
     v_cond, v_uncond = v_both.chunk(2)
@@ -343,6 +353,7 @@ def recompute_log_prob(
     eta: float,
     sde_kind: str,
     detach_uncond: bool = True,
+    separate_uncond: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-prob of stored step ``step`` (index into S) for samples ``sample_idx`` under ``velocity_fn``.
 
@@ -370,7 +381,7 @@ def recompute_log_prob(
                          "index the rollout's text states with traj.group_index[sample_idx]")
     sigma, sigma_next = float(traj.sigmas[step]), float(traj.sigma_next[step])
     v = guided_velocity(velocity_fn, x_t, sigma, text_states_BLD, negative_text_states_BLD, guidance_scale,
-                        dtype=traj.model_dtype, detach_uncond=detach_uncond)
+                        dtype=traj.model_dtype, detach_uncond=detach_uncond, separate_uncond=separate_uncond)
     _, log_prob, mean, std = get_sde_step(sde_kind)(x_t, v, sigma, sigma_next, eta, prev_sample=x_next)
     return log_prob, mean, std
 

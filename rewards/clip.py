@@ -125,7 +125,9 @@ class _OpenClipReward(PerFrameReward):
     def encode_images(self, images_NCHW: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings [N, D]."""
         cfg = self.model.visual.preprocess_cfg
-        dtype = next(self.model.parameters()).dtype
+        # open_clip's low-precision modes keep embeddings in fp32 and cast only conv/linear weights: match those.
+        dtype = next((m.weight.dtype for m in self.model.visual.modules()
+                      if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))), torch.float32)
         pixels = clip_preprocess(images_NCHW.float(), size=cfg["size"][0], mean=cfg["mean"], std=cfg["std"])
         return self.model.encode_image(pixels.to(dtype), normalize=True).float()
 

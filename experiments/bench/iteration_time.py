@@ -85,7 +85,7 @@ def time_variant(name, spec, policy, args, device) -> dict:
                  f"sampler.post_window_ratio={spec['ratio']}", f"sampler.guidance_scale={args.cfg}",
                  f"window.kind={spec['window_kind']}", f"window.size={size}", f"window.train_fraction={spec['train_fraction']}",
                  f"rollout.group_size={args.group}", "rollout.prompts_per_iteration=1", "learner.optimizer_steps=1",
-                 f"learner.micro_batch_size={args.group}", "learner.lr=1e-6"]
+                 f"learner.micro_batch_size={args.micro_batch}", "learner.lr=1e-6"]
     cfg = load_config(None, overrides)
     engine = LocalRolloutEngine(policy, cfg.sampler, device=device, batch_groups=1)
     learner = Learner(policy.transformer, cfg.learner, cfg.sampler,
@@ -107,7 +107,13 @@ def time_variant(name, spec, policy, args, device) -> dict:
             batch = UpdateBatch(trajectory=rollout.trajectory, advantages_B=torch.randn(args.group, device=device),
                                 text_states_BLD=cond, negative_text_states_BLD=neg if args.cfg != 1.0 else None,
                                 train_mask_BS=window.train_mask(args.group).to(device))
-            learner.update(batch, generator=torch.Generator().manual_seed(it))
+            if args.profile and it == args.warmup and start == starts[0]:
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    learner.update(batch, generator=torch.Generator().manual_seed(it))
+                print(f"[{name}] one learner update, top CUDA kernels:")
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+            else:
+                learner.update(batch, generator=torch.Generator().manual_seed(it))
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if it >= args.warmup:
@@ -134,12 +140,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--start-stride", type=int, default=6, help="progressive windows: time every Nth start")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--micro-batch", type=int, default=1, help="samples per learner forward/backward")
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one learner update")
+    parser.add_argument("--no-checkpointing", action="store_true", help="keep all activations (more memory)")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.tiny:
         args.steps, args.group, args.iters, args.warmup = min(args.steps, 6), 2, 1, 0
     policy = build_policy(args, device, dtype)
+    policy.transformer.gradient_checkpointing = not args.no_checkpointing
     rows = [time_variant(n, VARIANTS[n], policy, args, device) for n in args.variants.split(",")]
     base = next((r for r in rows if r["variant"] == "dance_grpo"), rows[0])
     print(f"device={torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} steps={args.steps} "
