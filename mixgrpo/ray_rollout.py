@@ -137,13 +137,28 @@ def missing_resources(*, num_workers: int, sp_size: int, use_gpu: bool, availabl
     return missing
 
 
-def preflight(*, num_workers: int, sp_size: int, use_gpu: bool) -> None:
-    """Compare what the run asks for with what the cluster has; raise saying exactly what is missing."""
+def preflight(*, num_workers: int, sp_size: int, use_gpu: bool, settle_s: float = 30.0) -> None:
+    """Compare what the run asks for with what the cluster has; raise saying exactly what is missing.
+
+    Ray frees a killed actor's resources asynchronously, so a shortage is re-checked for up to ``settle_s``
+    seconds before it is reported (an engine built right after another one shut down would otherwise fail)."""
     import ray
 
-    per_node = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    missing = missing_resources(num_workers=num_workers, sp_size=sp_size, use_gpu=use_gpu,
-                                available=ray.available_resources(), total=ray.cluster_resources(), per_node=per_node)
+    def shortage(use_total: bool) -> list[str]:
+        total = ray.cluster_resources()
+        per_node = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        return missing_resources(num_workers=num_workers, sp_size=sp_size, use_gpu=use_gpu, per_node=per_node,
+                                 available=total if use_total else ray.available_resources(), total=total)
+
+    missing = shortage(use_total=True)  # the cluster is too small: no point waiting
+    deadline = time.monotonic() + settle_s
+    while not missing:
+        missing = shortage(use_total=False)
+        if not missing:
+            return
+        if time.monotonic() < deadline:
+            missing = []
+            time.sleep(0.5)
     if missing:
         raise RuntimeError("rollout resources are not available: need " + "; ".join(missing) +
                            ". Lower rollout.num_workers or rollout.sp_size, or add nodes to the cluster.")
