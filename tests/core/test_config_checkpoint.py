@@ -90,7 +90,7 @@ def test_half_written_temporary_folder_is_ignored(tmp_path):
     assert load_latest_checkpoint(tmp_path).iteration == 1
 
 
-@pytest.mark.parametrize("name", ["osp_next_14b_videoalign.yaml", "wan1.3b_mixgrpo.yaml"])
+@pytest.mark.parametrize("name", ["osp_next_14b_videoalign.yaml", "osp_next_14b_hif8_videoalign.yaml", "wan1.3b_mixgrpo.yaml"])
 def test_shipped_experiment_configs_load(tmp_path, name):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n")
@@ -109,3 +109,9 @@ def test_osp_next_recipe_numbers():
     assert (cfg.window.kind, cfg.window.start, cfg.window.size) == ("frozen", 0, 10)
     assert (cfg.sampler.shift, cfg.sampler.guidance_scale, cfg.rollout.group_size) == (7.5, 5.0, 4)
     assert (cfg.learner.clip_range, cfg.learner.kl_coeff) == (1e-4, 0.004)
+
+
+def test_hif8_experiment_quantizes_rollout_and_learner_by_default():
+    path = Path(quickstart_path()).parent / "osp_next_14b_hif8_videoalign.yaml"
+    cfg = load_config(path, ["policy.model_dir=x", "prompts.source=toy"])
+    assert cfg.learner.quantization == "hif8" and cfg.learner.mixed_precision == "bf16"
