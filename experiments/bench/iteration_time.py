@@ -21,14 +21,12 @@ import statistics
 import time
 
 import torch
-from torch import nn
-
 from mixgrpo.config import load_config
 from mixgrpo.learner import Learner, UpdateBatch
 from mixgrpo.rollout import LocalRolloutEngine, RolloutRequest, group_seed, text_states
 from mixgrpo.window import build_window_scheduler
-from policies.base import Policy, PolicySpec
-from policies.osp_next import OSPNext, OSPNextConfig
+from policies.base import Policy
+from policies.synthetic import build_synthetic_policy
 
 VARIANTS = {
     "dance_grpo": dict(window_kind="frozen", size="all", train_fraction=0.6, post_window="euler", ratio=1.0),
@@ -38,44 +36,14 @@ VARIANTS = {
 }
 
 
-class RandomTextEncoder(nn.Module):
-    """Fixed random states per prompt (the real UMT5 is frozen and outside the timed loop's differences)."""
-
-    def __init__(self, dim: int, length: int) -> None:
-        super().__init__()
-        self.dim, self.length = dim, length
-
-    def forward(self, prompts):
-        rows = [torch.randn(self.length, self.dim, generator=torch.Generator().manual_seed(hash(p) % 2**31)) for p in prompts]
-        return torch.stack(rows)
-
-
-class LatentVideo(nn.Module):
-    """Stand-in decoder: the first three latent channels squashed to [0, 1] (no VAE cost in any row)."""
-
-    def __init__(self, channels: int, frames: int, height: int, width: int) -> None:
-        super().__init__()
-        self.shape = (channels, frames, height, width)
-
-    def latent_shape(self, num_frames, height, width):
-        return self.shape
-
-    def decode(self, latents_BCTHW):
-        return torch.sigmoid(latents_BCTHW[:, :3].float()).permute(0, 2, 1, 3, 4)
-
-
 def build_policy(args, device, dtype) -> Policy:
+    """The synthetic policy (seeded random OSP-Next, stand-in encoders) that the Ray throughput bench uses too."""
     if args.tiny:
-        mcfg = OSPNextConfig.preset("tiny", layout=args.layout)
-        grid = (2, 8, 8)
-    else:
-        mcfg = OSPNextConfig.preset("wan2.1-t2v-1.3b", layout=args.layout, num_full_blocks=args.full_blocks)
-        grid = (args.latent_frames, args.latent_height, args.latent_width)
-    torch.manual_seed(0)
-    transformer = OSPNext(mcfg).to(device=device, dtype=dtype)
-    text = RandomTextEncoder(mcfg.text_dim, min(64, mcfg.text_len))
-    vae = LatentVideo(mcfg.in_channels, *grid)
-    return Policy(transformer=transformer, text_encoder=text, vae=vae, spec=PolicySpec(num_frames=1, height=1, width=1))
+        return build_synthetic_policy(preset="tiny", num_frames=5, height=64, width=64, layout=args.layout,
+                                      dtype=dtype, device=device)
+    return build_synthetic_policy(preset="wan2.1-t2v-1.3b", num_frames=4 * (args.latent_frames - 1) + 1,
+                                  height=8 * args.latent_height, width=8 * args.latent_width, layout=args.layout,
+                                  num_full_blocks=args.full_blocks, dtype=dtype, device=device)
 
 
 def time_variant(name, spec, policy, args, device) -> dict:
