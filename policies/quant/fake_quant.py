@@ -134,6 +134,12 @@ class TensorQuantizer:
         )
 
 
+def make_quantizer(scaling: str, target_max: float, *, history_len: int, saturate: bool, backend: str) -> TensorQuantizer:
+    """One tensor's quantizer with its own scaler (current or delayed) mapping amax to ``target_max``."""
+    scaler = make_scaler(scaling, target_max=target_max, history_len=history_len)
+    return TensorQuantizer(scaler=scaler, saturate=saturate, backend=backend)
+
+
 @dataclass(kw_only=True)
 class LinearQuantizers:
     """The three per-tensor quantizers of one HiF8 linear: input and weight (forward), grad_output."""
@@ -154,8 +160,7 @@ class LinearQuantizers:
         backend: str = "auto",
     ) -> LinearQuantizers:
         def q(target_max: float) -> TensorQuantizer:
-            scaler = make_scaler(scaling, target_max=target_max, history_len=history_len)
-            return TensorQuantizer(scaler=scaler, saturate=saturate, backend=backend)
+            return make_quantizer(scaling, target_max, history_len=history_len, saturate=saturate, backend=backend)
 
         return cls(input=q(forward_target_max), weight=q(forward_target_max), grad_output=q(backward_target_max))
 
@@ -239,8 +244,7 @@ class HiF8QKVHook:
         backend: str = "auto",
     ) -> None:
         def q(target_max: float) -> TensorQuantizer:
-            scaler = make_scaler(scaling, target_max=target_max, history_len=history_len)
-            return TensorQuantizer(scaler=scaler, saturate=saturate, backend=backend)
+            return make_quantizer(scaling, target_max, history_len=history_len, saturate=saturate, backend=backend)
 
         self.q, self.k, self.v = (q(forward_target_max) for _ in range(3))
         self.dq, self.dk, self.dv = (q(backward_target_max) for _ in range(3))
