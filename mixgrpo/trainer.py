@@ -14,11 +14,12 @@ import warnings
 from pathlib import Path
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from mixgrpo.advantages import compute_advantages
 from mixgrpo.checkpoint import load_latest_checkpoint, save_checkpoint
-from mixgrpo.config import ExperimentConfig, dump_config
+from mixgrpo.config import ConfigError, ExperimentConfig, dump_config
 from mixgrpo.learner import Learner, UpdateBatch, apply_lora
 from mixgrpo.rollout import LocalRolloutEngine, RolloutRequest, RolloutResult, group_seed, text_states
 from mixgrpo.runlog import RunLog
@@ -34,6 +35,32 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resume_config(cfg: ExperimentConfig, run_dir: Path) -> None:
+    """A resumed run must use the config it was started with (only ``train.iterations`` may grow): otherwise the
+    run directory would mix two experiments and its config.yaml would no longer describe its metrics."""
+    written = run_dir / "config.yaml"
+    if not written.is_file():
+        return
+    before = _flatten(yaml.safe_load(written.read_text()) or {})
+    now = _flatten(yaml.safe_load(dump_config(cfg)))
+    changed = sorted(k for k in before.keys() | now.keys() if k != "train.iterations" and before.get(k) != now.get(k))
+    if changed:
+        shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
+        raise ConfigError(f"--resume with a config that differs from the run's {written}: {shown}"
+                          f"{' ...' if len(changed) > 5 else ''}. Resume without CONFIG or overrides (the run's own "
+                          "config is used), change only train.iterations, or start a new --run-dir")
+
+
 class PromptSampler:
     """Stateless prompt draws: iteration i always gets the same prompts (an epoch-wise shuffle of the list), so a
     resumed run sees exactly the prompts an uninterrupted one would."""
@@ -42,20 +69,29 @@ class PromptSampler:
         if not prompts:
             raise ValueError("prompts: the prompt source is empty; give a file with one prompt per line")
         self.prompts, self.seed = list(prompts), seed
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        """The shuffle of one epoch, computed once (large prompt files make it the costly part)."""
+        if epoch not in self._orders:
+            order = list(range(len(self.prompts)))
+            random.Random(self.seed * 7919 + epoch).shuffle(order)
+            self._orders = {epoch: order}  # draws move forward epoch by epoch: keep just the current one
+        return self._orders[epoch]
 
     def draw(self, iteration: int, count: int) -> list[str]:
         out = []
         for index in range(iteration * count, (iteration + 1) * count):
             epoch, position = divmod(index, len(self.prompts))
-            order = list(range(len(self.prompts)))
-            random.Random(self.seed * 7919 + epoch).shuffle(order)
-            out.append(self.prompts[order[position]])
+            out.append(self.prompts[self._order(epoch)[position]])
         return out
 
 
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, *, run_dir: Path, resume: bool = False) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        if resume:
+            check_resume_config(cfg, self.run_dir)
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)

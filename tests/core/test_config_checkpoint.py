@@ -115,3 +115,13 @@ def test_hif8_experiment_quantizes_rollout_and_learner_by_default():
     path = Path(quickstart_path()).parent / "osp_next_14b_hif8_videoalign.yaml"
     cfg = load_config(path, ["policy.model_dir=x", "prompts.source=toy"])
     assert cfg.learner.quantization == "hif8" and cfg.learner.mixed_precision == "bf16"
+
+
+def test_resume_refuses_a_changed_config_but_allows_more_iterations(tmp_path):
+    from mixgrpo.trainer import check_resume_config
+
+    cfg = load_config(quickstart_path())
+    (tmp_path / "config.yaml").write_text(dump_config(cfg))
+    check_resume_config(load_config(quickstart_path(), ["train.iterations=99"]), tmp_path)
+    with pytest.raises(ConfigError, match=r"learner.lr: 0.0003 -> 0.001.*new --run-dir"):
+        check_resume_config(load_config(quickstart_path(), ["learner.lr=1e-3"]), tmp_path)
