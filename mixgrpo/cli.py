@@ -77,6 +77,13 @@ def _report(args: argparse.Namespace) -> int:
     return report_main(args.rest)
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixgrpo", description="Mix-GRPO post-training for sparse video DiTs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,13 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
     sample.add_argument("--checkpoint", default=None, help="a checkpoint folder runs/<name>/checkpoints/iter_NNNNNN")
     sample.add_argument("--out", default="samples", help="output folder")
-    sample.add_argument("--num", type=int, default=1, help="videos per prompt")
+    sample.add_argument("--num", type=positive_int, default=1, help="videos per prompt")
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(func=_sample)
 
     pre = sub.add_parser("toy-pretrain", help="pretrain the toy world's base model (flow matching)")
     pre.add_argument("--out", default=None, help="safetensors file to write (default: the user cache)")
-    pre.add_argument("--steps", type=int, default=None)
+    pre.add_argument("--steps", type=positive_int, default=None)
     pre.add_argument("--seed", type=int, default=0)
     pre.set_defaults(func=_toy_pretrain)
 
