@@ -11,6 +11,7 @@ With no CONFIG, ``train`` and ``sample`` use ``experiments/quickstart.yaml``: th
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -121,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as error:
         print(f"mixgrpo: config error: {error}", file=sys.stderr)
+        return 2
+    except ValueError as error:  # bad input found while building (a prompt, a path, a checkpoint): say it plainly
+        if os.environ.get("MIXGRPO_DEBUG"):
+            raise
+        print(f"mixgrpo: error: {error}\n(set MIXGRPO_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
 
 
