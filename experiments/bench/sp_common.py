@@ -8,8 +8,10 @@ Launch: ``torchrun --nproc-per-node N experiments/bench/sp_*.py`` (NCCL on GPUs,
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -42,16 +44,19 @@ def setup(device_kind: str) -> tuple[int, int, torch.device]:
     """Join (or reuse) the default process group; one GPU per local rank."""
     if device_kind == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but no CUDA device is visible; use --device cpu --tiny for a smoke run")
+    # A rank that hangs in a collective prints where it is when torchrun's timeout terminates it.
+    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
+    device = torch.device("cpu")
+    if device_kind == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
     if not dist.is_initialized():
         # NVLink SHARP (multicast) stays off: it needs fabric-manager support the lent machines don't promise.
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
-    if device_kind == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count()))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
+        # Binding the device up front stops NCCL from guessing it per group (it warns that a guess can hang).
+        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo",
+                                device_id=device if device_kind == "cuda" else None)
     return dist.get_rank(), dist.get_world_size(), device
 
 
