@@ -6,14 +6,15 @@ N = images (frames of several videos flattened), F = frames sampled per video.
 A reward is called as ``reward(videos_BTCHW, prompts, **metadata) -> scores_B`` with videos float in [0, 1].
 ``Reward.__call__`` validates inputs and output so every reward fails the same way on bad data; subclasses
 only implement ``score``. Image rewards subclass ``PerFrameReward`` and implement ``score_images``: frames are
-sampled evenly in time and their scores averaged.
+sampled evenly in time and their scores averaged. A reward that is made of parts can also report them:
+``score_with_details`` returns the score with named per-sample component scores (``validate_details``).
 """
 
 from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -52,16 +53,41 @@ def validate_videos(videos_BTCHW: torch.Tensor, prompts: Sequence[str]) -> None:
         )
 
 
-def validate_scores(scores_B: Any, batch_size: int, reward_name: str) -> torch.Tensor:
-    """Return ``scores_B`` as a float32 tensor [B] or raise ValueError naming the reward."""
+def validate_scores(
+    scores_B: Any, batch_size: int, reward_name: str, *, component: str | None = None
+) -> torch.Tensor:
+    """Return ``scores_B`` as a float32 tensor [B] or raise ValueError naming the reward (and ``component``)."""
+    what = f"reward {reward_name!r}" + ("" if component is None else f" component {component!r}")
     if not isinstance(scores_B, torch.Tensor):
-        raise ValueError(f"reward {reward_name!r} returned {type(scores_B).__name__}; it must return a tensor [B]")
+        raise ValueError(f"{what} returned {type(scores_B).__name__}; it must return a tensor [B]")
     if scores_B.shape != (batch_size,):
         raise ValueError(
-            f"reward {reward_name!r} returned shape {tuple(scores_B.shape)}; it must return one score per video, "
+            f"{what} returned shape {tuple(scores_B.shape)}; it must return one score per video, "
             f"shape ({batch_size},)"
         )
     return scores_B.detach().float()
+
+
+def validate_details(details: Any, batch_size: int, reward_name: str) -> dict[str, torch.Tensor]:
+    """Return component scores as ``{name: float32 [B]}`` or raise ValueError naming the reward and component.
+
+    Names must be identifiers because they become column names (``reward/<reward>/<component>/mean``), where
+    a ``/`` or a space would make the columns ambiguous to split back apart.
+    """
+    if not isinstance(details, Mapping):
+        raise ValueError(
+            f"reward {reward_name!r} returned details of type {type(details).__name__}; score_with_details must "
+            "return (scores [B], {component name: tensor [B]})"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for component, values_B in details.items():
+        if not isinstance(component, str) or not component.isidentifier():
+            raise ValueError(
+                f"reward {reward_name!r} returned component name {component!r}; use a simple identifier "
+                "(letters, digits, _; e.g. 'colour') since it becomes part of metric column names"
+            )
+        out[component] = validate_scores(values_B, batch_size, reward_name, component=component)
+    return out
 
 
 def sample_frame_indices(num_frames: int, num_samples: int) -> torch.Tensor:
@@ -78,6 +104,12 @@ def sample_frame_indices(num_frames: int, num_samples: int) -> torch.Tensor:
 
 class Reward(abc.ABC):
     """Base class of all rewards.
+
+    Component scores: a reward built from parts (e.g. colour, shape and motion checks) can override
+    ``score_with_details`` to return ``(scores [B], {component: scores [B]})``. Each component is a float
+    tensor [B] (NaN allowed, as for scores) and its name a simple identifier such as ``"colour"``; the
+    trainer logs ``reward/<name>/<component>/mean``. The components are reported only: advantages and the
+    aggregate use the score alone. The default returns ``(self(...), {})``.
 
     Attributes:
         name: registry name, used as the score column.
@@ -118,6 +150,16 @@ class Reward(abc.ABC):
         with torch.no_grad():
             scores_B = self.score(videos_BTCHW.to(self.device), list(prompts), **metadata)
         return validate_scores(scores_B, videos_BTCHW.shape[0], self.name)
+
+    def score_with_details(
+        self, videos_BTCHW: torch.Tensor, prompts: Sequence[str], **metadata: Any
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scores [B] plus named per-sample component scores ``{name: [B]}``; override to report components.
+
+        An override should validate like ``__call__`` (inputs with ``validate_videos``, outputs with
+        ``validate_scores`` and ``validate_details``); the scoring service checks the outputs again.
+        """
+        return self(videos_BTCHW, prompts, **metadata), {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, batch_size={self.batch_size})"

@@ -13,6 +13,9 @@ gathers them into a ``ScoreTable``. ``score`` is ``submit(...).result()``. Both 
 
 NaN scores are legal ("does not apply", e.g. a TRL reward returning None): they are counted per reward and
 reported, never replaced by a default.
+
+Rewards that report component scores (``Reward.score_with_details``) have them gathered the same way into
+``ScoreTable.details``; they are reported only and never enter the aggregate or the failure policy's counts.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any, Literal
 
 import torch
 
-from rewards.base import Reward, validate_videos
+from rewards.base import Reward, validate_details, validate_scores, validate_videos
 from rewards.registry import available, build
 
 
@@ -120,6 +123,9 @@ class ScoreTable:
         dropped_ids: ids of every sample dropped with its group (only with on_error="drop").
         dropped_groups: the group ids dropped (only with on_error="drop").
         keep_B: bool [B], False for dropped samples.
+        details: reward name -> component name -> float32 [B] component scores (``Reward.score_with_details``);
+            NaN where the reward's call failed or did not return that component; ``{}`` for a reward without
+            components.
     """
 
     sample_ids: list[Hashable]
@@ -131,6 +137,7 @@ class ScoreTable:
     dropped_ids: list[Hashable]
     dropped_groups: list[Hashable]
     keep_B: torch.Tensor
+    details: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -150,21 +157,25 @@ class ScoreTable:
         return (self.stacked() * (weights_R / weights_R.sum())).sum(dim=1)
 
     def rows(self) -> list[dict[str, Any]]:
-        """One dict per sample: ``sample_id``, one column per reward, ``dropped`` (for samples.parquet)."""
+        """One dict per sample: ``sample_id``, one column per reward, one ``<reward>/<component>`` column per
+        component score, ``dropped`` (for samples.parquet)."""
+        components = {f"{n}/{c}": values for n, parts in self.details.items() for c, values in parts.items()}
         return [
-            {"sample_id": sid, **{n: float(self.raw[n][i]) for n in self.names}, "dropped": not bool(self.keep_B[i])}
+            {"sample_id": sid, **{n: float(self.raw[n][i]) for n in self.names},
+             **{column: float(values[i]) for column, values in components.items()}, "dropped": not bool(self.keep_B[i])}
             for i, sid in enumerate(self.sample_ids)
         ]
 
 
 @dataclass
 class ChunkResult:
-    """Outcome of one reward call on samples [lo, hi): scores [hi - lo] or the error text."""
+    """Outcome of one reward call on samples [lo, hi): scores [hi - lo] and component scores, or the error text."""
 
     lo: int
     hi: int
     scores: torch.Tensor | None
     error: str | None
+    details: dict[str, torch.Tensor] | None = None
 
 
 def score_chunk(
@@ -173,10 +184,24 @@ def score_chunk(
     """Score samples [lo, hi) with ``reward``; an exception becomes ``ChunkResult.error`` (with traceback)."""
     chunk_meta = {k: v[lo:hi] for k, v in metadata.items()}
     try:
-        scores = reward(videos_BTCHW[lo:hi], list(prompts[lo:hi]), **chunk_meta).cpu()
+        scores, details = reward.score_with_details(videos_BTCHW[lo:hi], list(prompts[lo:hi]), **chunk_meta)
+        # Checked here as well: an override of score_with_details bypasses the checks of Reward.__call__, and a
+        # malformed output must fail under the failure policy like any other error of this call.
+        scores = validate_scores(scores, hi - lo, reward.name).cpu()
+        details = {c: v.cpu() for c, v in validate_details(details, hi - lo, reward.name).items()}
     except Exception as exc:
         return ChunkResult(lo, hi, None, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}")
-    return ChunkResult(lo, hi, scores, None)
+    return ChunkResult(lo, hi, scores, None, details)
+
+
+def gather_details(results: Sequence[ChunkResult], batch_size: int) -> dict[str, torch.Tensor]:
+    """Component -> float32 [B] from one reward's chunks; NaN for samples of failed chunks and of chunks that
+    did not return that component (a reward may report a component only where it applies)."""
+    out: dict[str, torch.Tensor] = {}
+    for res in results:
+        for component, values in (res.details or {}).items():
+            out.setdefault(component, torch.full((batch_size,), math.nan))[res.lo : res.hi] = values
+    return out
 
 
 def chunk_bounds(batch_size: int, chunk: int | None) -> list[tuple[int, int]]:
@@ -349,6 +374,7 @@ class RewardSet:
         """Apply the failure policy to finished chunks and build the ScoreTable."""
         b = len(sample_ids)
         scores, nan_counts, failed, errors = {}, {}, {}, {}
+        details = {name: gather_details(results, b) for name, results in chunks.items()}
         for name, results in chunks.items():
             scores_B = torch.full((b,), math.nan)
             failed_idx: list[int] = []
@@ -382,6 +408,7 @@ class RewardSet:
             dropped_ids=dropped,
             dropped_groups=failed_groups,
             keep_B=keep_B,
+            details=details,
         )
 
     def close(self) -> None:

@@ -35,7 +35,7 @@ from policies.toy.world import (
     shape_coverage,
     size_bounds,
 )
-from rewards.base import Reward, validate_videos
+from rewards.base import Reward, validate_details, validate_scores, validate_videos
 from rewards.registry import register_reward
 
 ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "direction")
@@ -122,7 +122,11 @@ def motion_displacement(cx_BT: torch.Tensor, cy_BT: torch.Tensor, mass_BT: torch
 
 @register_reward("toy_fidelity")
 class ToyFidelityReward(Reward):
-    """Caption fidelity of toy-world videos; ``breakdown`` returns the per-attribute scores."""
+    """Caption fidelity of toy-world videos; ``breakdown`` returns the per-attribute scores.
+
+    ``score_with_details`` reports the attributes (keys ``ATTRIBUTES``) as component scores, so a run logs
+    ``reward/toy_fidelity/colour/mean`` and the like next to the total.
+    """
 
     name = "toy_fidelity"
 
@@ -178,3 +182,16 @@ class ToyFidelityReward(Reward):
 
     def score(self, videos_BTCHW: torch.Tensor, prompts: Sequence[str], **metadata: Any) -> torch.Tensor:
         return self.breakdown(videos_BTCHW, prompts)["total"]
+
+    def score_with_details(
+        self, videos_BTCHW: torch.Tensor, prompts: Sequence[str], **metadata: Any
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # One breakdown gives both the total and its parts; going through __call__ would compute it twice.
+        validate_videos(videos_BTCHW, prompts)  # before .to(): a non-tensor must fail with the clear message
+        if not self._is_setup:
+            self.setup(self.device)
+        with torch.no_grad():
+            parts = self.breakdown(videos_BTCHW.to(self.device), list(prompts))
+        b = videos_BTCHW.shape[0]
+        total_B = validate_scores(parts["total"], b, self.name)
+        return total_B, validate_details({a: parts[a] for a in ATTRIBUTES}, b, self.name)

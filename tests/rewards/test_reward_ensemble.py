@@ -129,9 +129,12 @@ def test_ray_actors_match_in_process(ray_cluster, tiny_open_clip):
     clip_args = {"arch": tiny_open_clip["arch"], "checkpoint": tiny_open_clip["checkpoint"], "batch_size": 2}
     specs = [
         {"name": "clip_score", "weight": 0.5, "args": clip_args, "num_cpus": 0.5},
-        {"name": "jpeg_compressibility", "args": {"batch_size": 3}, "num_cpus": 0.5},
+        {"name": "toy_fidelity", "args": {"batch_size": 3}, "num_cpus": 0.5},  # reports component scores
     ]  # two actors only: each is a process importing torch, on a 2-core machine
-    videos, prompts, ids = random_videos(5, h=32, w=32), ["a cat", "a dog", "a cat", "sky", "sea"], list(range(5))
+    videos, ids = random_videos(5, h=32, w=32), list(range(5))
+    prompts = [f"a {c} {s} moving {d}" for c, s, d in
+               [("red", "square", "left"), ("blue", "circle", "up"), ("green", "triangle", "right"),
+                ("yellow", "square", "down"), ("red", "circle", "right")]]
     with RewardSet(specs) as local:
         want = local.score(videos, prompts, sample_ids=ids)
     with RewardSet(specs, backend="ray") as remote:
@@ -140,3 +143,6 @@ def test_ray_actors_match_in_process(ray_cluster, tiny_open_clip):
     for name in want.names:
         torch.testing.assert_close(got.raw[name], want.raw[name], rtol=0, atol=0)
     assert got.nan_counts == want.nan_counts == {n: 0 for n in want.names}
+    assert list(got.details["toy_fidelity"]) == ["colour", "shape", "direction"] and got.details["clip_score"] == {}
+    for component, values in want.details["toy_fidelity"].items():
+        torch.testing.assert_close(got.details["toy_fidelity"][component], values, rtol=0, atol=0)
