@@ -1,7 +1,7 @@
 """PNG plots of runs. Each helper draws on its own Agg figure (no pyplot state, safe in notebooks and
 workers), writes the file atomically and returns its path.
 
-    plot_reward_curves([run_a, run_b], "rewards.png")     # one line per run, one panel per reward
+    plot_reward_curves([run_a, run_b], "rewards.png")     # one line per run, one panel per reward (+ components)
     plot_per_prompt_improvement(per_prompt_improvement(run), "prompts.png")
     plot_window_breakdown(window_breakdown(run), "window.png")
 """
@@ -12,6 +12,7 @@ import os
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 import pandas as pd
@@ -20,6 +21,11 @@ from matplotlib.figure import Figure
 
 from mixgrpo.analysis import Run, RunSet, as_runs
 from mixgrpo.runlog import atomic_path
+
+Panel = Union[str, tuple[str, Sequence[str]]]
+"""One panel of `plot_curves`: a metric name, or (title, metric names) drawn together in one panel."""
+
+LINESTYLES = ("-", "--", ":", "-.")
 
 DIAGNOSTICS = ("loss", "kl", "clip_fraction", "ratio/first_step", "advantage/std", "zero_std_fraction",
                "grad_norm", "time/total")
@@ -31,9 +37,25 @@ def default_window(num_iterations: int) -> int:
 
 
 def reward_metrics(runs: Sequence[Run]) -> list[str]:
-    """`reward/mean` then each `reward/<name>/mean` logged by any of the runs."""
+    """`reward/mean` then each `reward/<name>/mean` logged by any of the runs (components: `reward_components`)."""
+    components = {c for columns in reward_components(runs).values() for c in columns}
     names = {c for r in runs for c in r.metrics.columns if c.startswith("reward/") and c.endswith("/mean")}
-    return ["reward/mean", *sorted(names - {"reward/mean"})]
+    return ["reward/mean", *sorted(names - components - {"reward/mean"})]
+
+
+def reward_components(runs: Sequence[Run]) -> dict[str, list[str]]:
+    """`reward/<name>/mean` -> its component columns `reward/<name>/<component>/mean`, for rewards that
+    logged components (`Reward.score_with_details`); sorted by reward, then component."""
+    columns = {c for r in runs for c in r.metrics.columns}
+    groups: dict[str, list[str]] = {}
+    for column in sorted(columns):
+        if not (column.startswith("reward/") and column.endswith("/mean")):
+            continue
+        parent, _, component = column.removesuffix("/mean").rpartition("/")
+        # The parent must be a logged reward: this tells a component from a reward whose name holds a '/'.
+        if parent != "reward" and component.isidentifier() and f"{parent}/mean" in columns:
+            groups.setdefault(f"{parent}/mean", []).append(column)
+    return groups
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
@@ -51,9 +73,30 @@ def _new_figure(width: float, height: float) -> Figure:
     return fig
 
 
+def _series(run: Run, metric: str) -> pd.Series | None:
+    """The metric per iteration without NaN, or None when the run did not log it."""
+    if metric not in run.metrics.columns:
+        return None
+    series = run.metrics.set_index("iteration")[metric].dropna()
+    return None if series.empty else series
+
+
+def _draw(ax, series: pd.Series, *, colour: str, style: str, label: str, window: int | None) -> None:
+    """Raw values faint, trailing rolling mean bold."""
+    width = window or default_window(len(series))
+    ax.plot(series.index, series.values, color=colour, alpha=0.25, linewidth=1, linestyle=style)
+    smooth = series.rolling(width, min_periods=1).mean()
+    ax.plot(smooth.index, smooth.values, color=colour, linewidth=2, linestyle=style, label=label)
+
+
+def _short_metric(metric: str) -> str:
+    """Legend label of a metric in a shared panel: its last name part ('reward/toy/colour/mean' -> 'colour')."""
+    return metric.removesuffix("/mean").rpartition("/")[2]
+
+
 def plot_curves(
     runs: Run | RunSet | Sequence[Run | str | os.PathLike],
-    metrics: Sequence[str],
+    metrics: Sequence[Panel],
     path: str | os.PathLike,
     *,
     window: int | None = None,
@@ -61,7 +104,9 @@ def plot_curves(
 ) -> Path:
     """One panel per metric, one colour per run: raw values faint, trailing rolling mean bold.
 
-    Metrics a run did not log are skipped for that run; a panel nobody logged says so.
+    A `(title, [metric, ...])` entry draws several metrics in one panel, one colour per metric and one line
+    style per run, with a legend. Metrics a run did not log are skipped for that run; a panel nobody logged
+    says so.
     """
     loaded = as_runs(runs)
     if not metrics:
@@ -73,24 +118,29 @@ def plot_curves(
                         top=1 - 0.75 / (2.8 * rows + 0.4), wspace=0.3, hspace=0.55)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     colours = [f"C{i % 10}" for i in range(len(loaded))]
-    for ax, metric in zip(axes, metrics):
+    for ax, panel in zip(axes, metrics):
+        shared = not isinstance(panel, str)
+        panel_title, names = panel if shared else (panel, [panel])
         drawn = False
-        for run, colour in zip(loaded, colours):
-            if metric not in run.metrics.columns:
-                continue
-            series = run.metrics.set_index("iteration")[metric].dropna()
-            if series.empty:
-                continue
-            width = window or default_window(len(series))
-            ax.plot(series.index, series.values, color=colour, alpha=0.25, linewidth=1)
-            smooth = series.rolling(width, min_periods=1).mean()
-            ax.plot(smooth.index, smooth.values, color=colour, linewidth=2, label=run.name)
-            drawn = True
-        ax.set_title(metric, fontsize=10)
+        for run_index, (run, run_colour) in enumerate(zip(loaded, colours)):
+            for metric_index, metric in enumerate(names):
+                series = _series(run, metric)
+                if series is None:
+                    continue
+                if shared:  # colour tells the metrics apart; line style the runs
+                    label = _short_metric(metric) + (f" ({run.name})" if len(loaded) > 1 else "")
+                    _draw(ax, series, colour=f"C{metric_index % 10}", style=LINESTYLES[run_index % len(LINESTYLES)],
+                          label=label, window=window)
+                else:
+                    _draw(ax, series, colour=run_colour, style="-", label=run.name, window=window)
+                drawn = True
+        ax.set_title(panel_title, fontsize=10)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
         if not drawn:
             ax.text(0.5, 0.5, "not logged", transform=ax.transAxes, ha="center", va="center", color="grey")
+        elif shared:
+            ax.legend(fontsize=7)
     for ax in axes[len(metrics):]:
         ax.set_visible(False)
     if len(loaded) > 1:
@@ -103,9 +153,16 @@ def plot_curves(
 def plot_reward_curves(
     runs: Run | RunSet | Sequence[Run | str | os.PathLike], path: str | os.PathLike, *, window: int | None = None
 ) -> Path:
-    """Aggregate reward and each reward plugin's mean per iteration, with a rolling mean; one line per run."""
+    """Aggregate reward and each reward plugin's mean per iteration, with a rolling mean; one line per run.
+
+    Rewards that logged component scores get one more panel each, after the per-reward panels, with their
+    components drawn together (one panel per component would multiply the panels for little gain).
+    """
     loaded = as_runs(runs)
-    return plot_curves(loaded, reward_metrics(loaded), path, window=window, title="reward (bold: rolling mean)")
+    panels: list[Panel] = [*reward_metrics(loaded)]
+    panels += [(f"{parent.removesuffix('/mean')} components", columns)
+               for parent, columns in reward_components(loaded).items()]
+    return plot_curves(loaded, panels, path, window=window, title="reward (bold: rolling mean)")
 
 
 def plot_diagnostics(

@@ -21,6 +21,8 @@ column keeps its dtype when a key first appears mid-run and earlier rows read Na
     iteration            int64, strictly increasing
     reward/mean, reward/std                      aggregate (weighted) reward over the batch
     reward/<name>/mean, reward/<name>/std        raw score of each reward plugin
+    reward/<name>/<component>/mean               component score of a reward that reports them
+                                                 (Reward.score_with_details), over kept samples
     advantage/mean, advantage/std, advantage/abs_max
     loss, clip_fraction, kl, grad_norm, lr
     ratio/mean, ratio/min, ratio/max             importance ratio over all update steps
@@ -36,6 +38,7 @@ samples.parquet schema, one row per rollout sample:
     prompt                           string
     reward                           float64, aggregate reward
     reward/<name>                    float64, raw score of each reward plugin
+    reward/<name>/<component>        float64, component score (rewards that report them)
     advantage                        float64
     video_path                       string, relative to the run directory, "" when no video was saved
 

@@ -224,6 +224,7 @@ class Trainer:
             row.update(_mean_std(f"reward/{name}", values))
             row[f"reward/{name}/nan_count"] = float(scores.nan_counts.get(name, 0))
             row[f"reward/{name}/failed"] = float(len(scores.failed_ids.get(name, [])))
+        row.update(component_means(scores))
         row.update({k: float(v) for k, v in adv_stats.items() if not k.startswith("reward/")})
         row.update(stats)
         row.update({"window/start": float(min(window)), "window/size": float(len(window)), "nfe": float(rollouts.nfe),
@@ -240,6 +241,8 @@ class Trainer:
                    "sample": b % request.group_size, "seed": seed, "reward": float(aggregate[b]),
                    "advantage": float(advantages[b])}
             row.update({f"reward/{name}": float(values[b]) for name, values in scores.raw.items()})
+            row.update({f"reward/{name}/{component}": float(values[b])
+                        for name, parts in scores.details.items() for component, values in parts.items()})
             rows.append(row)
         return rows
 
@@ -295,6 +298,18 @@ def _mean_std(prefix: str, values: torch.Tensor) -> dict[str, float]:
     finite = values[~values.isnan()]
     return {f"{prefix}/mean": float(finite.mean()) if finite.numel() else float("nan"),
             f"{prefix}/std": float(finite.std()) if finite.numel() > 1 else 0.0}
+
+
+def component_means(scores: ScoreTable) -> dict[str, float]:
+    """``reward/<name>/<component>/mean`` over the finite component scores of kept samples (the convention of
+    ``reward/<name>/mean`` in ``advantages._stats``); NaN when no kept sample has a finite value."""
+    means = {}
+    for name, parts in scores.details.items():
+        for component, values in parts.items():
+            kept = values[scores.keep_B]
+            finite = kept[torch.isfinite(kept)]
+            means[f"reward/{name}/{component}/mean"] = float(finite.mean()) if finite.numel() else float("nan")
+    return means
 
 
 def media_slug(prompt: str) -> str:

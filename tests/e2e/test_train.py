@@ -1,5 +1,6 @@
 """End-to-end: tiny Mix-GRPO runs on the toy world through the same code path as `mixgrpo train`."""
 
+import math
 import os
 import signal
 import subprocess
@@ -15,7 +16,8 @@ from safetensors.torch import load_file
 from mixgrpo.analysis import load_run
 from mixgrpo.config import load_config
 from mixgrpo.cli import quickstart_path
-from mixgrpo.trainer import Trainer
+from mixgrpo.trainer import Trainer, component_means
+from rewards.ensemble import ScoreTable
 
 TINY = [
     "sampler.num_steps=4", "window.size=2", "window.shift_interval=1", "rollout.prompts_per_iteration=2",
@@ -43,6 +45,12 @@ def test_tiny_run_changes_every_trainable_parameter_with_first_ratio_one(tmp_pat
     # samples differently from the rollout, so allow float32 reduction-order noise only.
     assert (run.metrics["ratio/first_step"] - 1.0).abs().max() < 1e-5
     assert len(run.samples) == 2 * 4
+    # toy_fidelity reports its attributes; the total is their mean, so the component means average to it.
+    components = [f"reward/toy_fidelity/{a}/mean" for a in ("colour", "shape", "direction")]
+    parts = run.metrics[components].to_numpy()
+    assert torch.isfinite(torch.tensor(parts)).all()
+    assert abs(parts.mean(axis=1) - run.metrics["reward/toy_fidelity/mean"].to_numpy()).max() < 1e-5
+    assert run.samples["reward/toy_fidelity/colour"].notna().all()
     assert (tmp_path / "run" / "reward_curve.png").is_file()
     assert list((tmp_path / "run" / "videos").glob("*.mp4"))
 
@@ -76,3 +84,14 @@ def test_killed_then_resumed_run_equals_an_uninterrupted_run(tmp_path):
     pd.testing.assert_series_equal(a.metrics["reward/mean"], b.metrics["reward/mean"])
     pd.testing.assert_frame_equal(a.samples[["iteration", "prompt", "seed", "reward"]],
                                   b.samples[["iteration", "prompt", "seed", "reward"]])
+
+
+def test_component_means_use_finite_values_of_kept_samples():
+    nan = math.nan
+    table = ScoreTable(sample_ids=[0, 1, 2, 3], raw={"r": torch.zeros(4)}, weights={"r": 1.0}, nan_counts={"r": 0},
+                       failed_ids={"r": []}, errors={}, dropped_ids=[3], dropped_groups=[1],
+                       keep_B=torch.tensor([True, True, True, False]))
+    assert table.details == {} and component_means(table) == {}  # built without details: nothing to log
+    table.details = {"r": {"a": torch.tensor([1.0, nan, 3.0, 100.0]), "b": torch.tensor([nan, nan, nan, 1.0])}}
+    means = component_means(table)
+    assert means["reward/r/a/mean"] == 2.0 and math.isnan(means["reward/r/b/mean"])

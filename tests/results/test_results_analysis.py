@@ -95,6 +95,19 @@ def test_plots_write_pngs(tmp_path, synthetic_run):
         plots.plot_per_prompt_improvement(pd.DataFrame({"x": [1]}), tmp_path / "bad.png")
 
 
+def test_component_columns_get_their_own_panel(tmp_path, synthetic_run):
+    run = analysis.load_run(synthetic_run)
+    plain = iio.imread(plots.plot_reward_curves([run], tmp_path / "plain.png"))
+    parts = {f"reward/toy/{c}/mean": run.metrics["reward/toy/mean"] * w for c, w in (("colour", 0.9), ("shape", 1.1))}
+    run.metrics = run.metrics.assign(**parts)
+    assert plots.reward_metrics([run]) == ["reward/mean", "reward/motion/mean", "reward/toy/mean"]
+    assert plots.reward_components([run]) == {"reward/toy/mean": ["reward/toy/colour/mean", "reward/toy/shape/mean"]}
+    with_parts = iio.imread(plots.plot_reward_curves([run], tmp_path / "parts.png"))
+    # Three reward panels in a row, then one shared panel for both components on a second row.
+    assert with_parts.shape[1] == plain.shape[1] and with_parts.shape[0] > 1.5 * plain.shape[0]
+    assert "reward/toy/colour/mean" in analysis.window_breakdown(run).columns
+
+
 def test_report_writes_plots_and_table(tmp_path, capsys, synthetic_run_template):
     a = shutil.copytree(synthetic_run_template, tmp_path / "a")
     b = write_synthetic_run(tmp_path / "b", lr=3e-4, iterations=8, videos=False)
