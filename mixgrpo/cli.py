@@ -67,7 +67,7 @@ def _sample(args: argparse.Namespace) -> int:
 def _toy_pretrain(args: argparse.Namespace) -> int:
     from policies.toy.pretrain import pretrain_toy
 
-    path = pretrain_toy(out_path=args.out, steps=args.steps, seed=args.seed)
+    path = pretrain_toy(out_path=args.out, steps=args.steps, seed=args.seed, colour_noise=args.colour_noise)
     print(path)
     return 0
 
@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--out", default=None, help="safetensors file to write (default: the user cache)")
     pre.add_argument("--steps", type=positive_int, default=None)
     pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--colour-noise", type=float, default=None,
+                     help="fraction of captions shown with a random colour word (default: the shipped base's)")
     pre.set_defaults(func=_toy_pretrain)
 
     report = sub.add_parser("report", help="summarise runs: a table in the terminal, plots on disk", add_help=False)

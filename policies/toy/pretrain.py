@@ -5,8 +5,12 @@ Shape legend: B = videos, C = RGB, T = frames, H, W = pixels, L = text tokens, D
 Objective as in OSP-Next's SFT (rectified flow): ``x_sigma = sigma * noise + (1 - sigma) * x0``, the model
 predicts ``v = noise - x0``, plain MSE; sigma is logit-normal (``sigmoid(N(0, 1))``, no resolution shift: the
 toy latents are tiny) and 10% of captions are dropped to the empty prompt so CFG works. The text encoder is
-trained jointly here and frozen afterwards (``Policy`` freezes it). The default step count is deliberately
-short: the base should follow prompts only partly, leaving room for RL.
+trained jointly here and frozen afterwards (``Policy`` freezes it).
+
+The base should follow prompts only partly, leaving room for RL. Two settings do that. The step count is short.
+The captions are noisy the way web captions are: 60% of them are shown with a random colour word
+(``colour_noise``). The shipped base therefore draws shapes that move, though not reliably, and often in the
+wrong or a blended colour. Colour binding is what the quickstart's Mix-GRPO run visibly fixes within minutes.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from tqdm.auto import tqdm
 
 from policies.base import Policy
 from policies.toy.policy import ToyPolicyConfig, cache_dir, make_toy_policy, save_toy_policy
-from policies.toy.world import render_videos, train_prompts
+from policies.toy.world import COLOURS, Scene, parse_caption, render_videos, train_prompts
 
 
 @dataclass(kw_only=True)
@@ -38,6 +42,10 @@ class ToyPretrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     caption_dropout: float = 0.1
+    colour_noise: float = 0.6
+    """Fraction of shown captions whose colour word is replaced by a uniformly drawn colour (it may draw the
+    true one). Web captions are noisy in the same way; the base then binds colour words only partly, which is
+    the kind of prompt-following error RL with a fidelity reward is used to fix."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -52,6 +60,8 @@ class ToyPretrainConfig:
             raise ValueError(f"ToyPretrainConfig.ema_decay must be in [0, 1) (0 = no averaging), got {self.ema_decay}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"ToyPretrainConfig.caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if not 0.0 <= self.colour_noise <= 1.0:
+            raise ValueError(f"ToyPretrainConfig.colour_noise must be in [0, 1], got {self.colour_noise}")
 
 
 def learning_rate(step: int, cfg: ToyPretrainConfig) -> float:
@@ -72,15 +82,31 @@ def flow_matching_loss(
 
 
 def draw_batch(
-    prompts: Sequence[str], batch_size: int, caption_dropout: float, generator: torch.Generator
+    prompts: Sequence[str],
+    batch_size: int,
+    caption_dropout: float,
+    generator: torch.Generator,
+    colour_noise: float = 0.0,
 ) -> tuple[list[str], list[str], list[int]]:
-    """Random captions, the text actually shown (dropped ones -> ""), and render seeds."""
+    """Random captions, the text actually shown (dropped ones -> "", noisy ones with a random colour word), and
+    render seeds. The videos are always rendered from the true captions."""
     idx = torch.randint(len(prompts), (batch_size,), generator=generator).tolist()
     captions = [prompts[i] for i in idx]
     drop = (torch.rand(batch_size, generator=generator) < caption_dropout).tolist()
     shown = ["" if d else c for c, d in zip(captions, drop)]
+    if colour_noise > 0:
+        # Drawn only when enabled, so runs without noise keep the exact random stream of earlier versions.
+        noisy = (torch.rand(batch_size, generator=generator) < colour_noise).tolist()
+        colours = torch.randint(len(COLOURS), (batch_size,), generator=generator).tolist()
+        shown = [recolour(text, list(COLOURS)[c]) if n and text else text for text, n, c in zip(shown, noisy, colours)]
     seeds = torch.randint(2**31 - 1, (batch_size,), generator=generator).tolist()
     return captions, shown, seeds
+
+
+def recolour(caption: str, colour: str) -> str:
+    """``caption`` with its colour word replaced by ``colour``."""
+    scene = parse_caption(caption)
+    return Scene(colour=colour, shape=scene.shape, direction=scene.direction).caption
 
 
 def pretrain_policy(policy: Policy, cfg: ToyPretrainConfig, *, progress: bool = True) -> list[float]:
@@ -96,7 +122,7 @@ def pretrain_policy(policy: Policy, cfg: ToyPretrainConfig, *, progress: bool = 
     losses: list[float] = []
     bar = tqdm(range(cfg.steps), desc="toy pretrain", disable=not progress)
     for step in bar:
-        captions, shown, seeds = draw_batch(prompts, cfg.batch_size, cfg.caption_dropout, generator)
+        captions, shown, seeds = draw_batch(prompts, cfg.batch_size, cfg.caption_dropout, generator, cfg.colour_noise)
         videos = render_videos(captions, seeds, num_frames=spec.num_frames, height=spec.height, width=spec.width)
         loss = flow_matching_loss(policy, policy.vae.encode(videos), policy.text_encoder(shown), generator)
         for group in optimizer.param_groups:
@@ -125,6 +151,7 @@ def pretrain_toy(
     seed: int = 0,
     batch_size: int | None = None,
     lr: float | None = None,
+    colour_noise: float | None = None,
     progress: bool = True,
     config: ToyPolicyConfig | None = None,
 ) -> Path:
@@ -132,7 +159,7 @@ def pretrain_toy(
 
     Args:
         out_path: where to write (default: ``~/.cache/mixgrpo/toy_policy.safetensors``).
-        steps, batch_size, lr: override ``ToyPretrainConfig``'s defaults.
+        steps, batch_size, lr, colour_noise: override ``ToyPretrainConfig``'s defaults.
         seed: seeds the initialisation, the data and the noise: same seed -> same weights.
         config: model/video sizes (default ``ToyPolicyConfig()``, the shipped architecture).
     """
@@ -141,6 +168,7 @@ def pretrain_toy(
         steps=defaults.steps if steps is None else steps,
         batch_size=defaults.batch_size if batch_size is None else batch_size,
         lr=defaults.lr if lr is None else lr,
+        colour_noise=defaults.colour_noise if colour_noise is None else colour_noise,
         seed=seed,
     )
     out = Path(out_path) if out_path is not None else cache_dir() / "toy_policy.safetensors"
@@ -152,6 +180,7 @@ def pretrain_toy(
         "batch_size": cfg.batch_size,
         "lr": cfg.lr,
         "ema_decay": cfg.ema_decay,
+        "colour_noise": cfg.colour_noise,
         "seed": cfg.seed,
         "final_loss": sum(losses[-20:]) / len(losses[-20:]),
         "seconds": round(time.perf_counter() - start, 1),

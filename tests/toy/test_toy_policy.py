@@ -12,7 +12,7 @@ from policies.base import Policy
 from policies.toy import ToyPolicyConfig, build_toy_policy, load_toy_policy, make_toy_policy, save_toy_policy
 from policies.toy.policy import ToyWeightsMismatch
 from policies.toy.pretrain import pretrain_toy, sample_euler
-from policies.toy.world import eval_prompts
+from policies.toy.world import eval_prompts, train_prompts
 from rewards.toy_fidelity import ToyFidelityReward
 
 
@@ -38,12 +38,33 @@ def test_pretrained_base_beats_random_init_on_toy_fidelity(base):
     prompts = eval_prompts()  # held-out combinations
     seeds = list(range(len(prompts)))
     reward = ToyFidelityReward()
-    base_score = reward(sample_euler(base, prompts, seeds=seeds, num_steps=12, guidance_scale=2.0), prompts)
+    base_scores = reward.breakdown(sample_euler(base, prompts, seeds=seeds, num_steps=12, guidance_scale=2.0), prompts)
     random_policy = make_toy_policy(seed=1)
-    random_score = reward(sample_euler(random_policy, prompts, seeds=seeds, num_steps=12), prompts)
-    print(f"toy_fidelity on eval prompts: base {base_score.mean():.3f}, random init {random_score.mean():.3f}")
-    assert base_score.mean() > random_score.mean() + 0.15
-    assert base_score.mean() < 0.9  # partly trained on purpose: RL needs room
+    random_scores = reward.breakdown(sample_euler(random_policy, prompts, seeds=seeds, num_steps=12), prompts)
+    means = {k: (float(base_scores[k].mean()), float(random_scores[k].mean())) for k in base_scores}
+    print("toy_fidelity on eval prompts (base, random init):", means)
+    # Shapes and motion were learned from clean captions; colour words were noisy in pretraining on purpose
+    # (ToyPretrainConfig.colour_noise), so colour binding is partial: RL has something to fix.
+    for attribute in ("shape", "direction"):
+        assert means[attribute][0] > means[attribute][1] + 0.08, attribute
+    assert means["colour"][1] + 0.1 < means["colour"][0] < 0.8
+    assert means["total"][0] > means["total"][1] + 0.1
+
+
+def test_colour_noise_changes_only_the_shown_colour_word():
+    generator = torch.Generator().manual_seed(0)
+    captions, shown, _ = pretrain_module.draw_batch(train_prompts(), 400, 0.0, generator, colour_noise=0.5)
+    changed = 0
+    for caption, text in zip(captions, shown):
+        true, seen = caption.split(), text.split()
+        assert true[:1] + true[2:] == seen[:1] + seen[2:]  # shape and direction words are never touched
+        changed += true[1] != seen[1]
+    # half the captions get a uniformly drawn colour, a quarter of those redraw the true one: 3/8 change
+    assert 0.3 < changed / len(captions) < 0.45
+    clean = pretrain_module.draw_batch(train_prompts(), 400, 0.0, torch.Generator().manual_seed(0))
+    assert clean[0] == clean[1]
+    with pytest.raises(ValueError, match="colour_noise"):
+        pretrain_module.ToyPretrainConfig(colour_noise=1.5)
 
 
 def test_pretrain_is_deterministic_and_save_load_round_trips(tmp_path):
