@@ -17,3 +17,20 @@ def test_iteration_time_tiny_prints_every_requested_variant():
     assert set(rows) == {"dance_grpo", "flash_star"}
     # Flash* samples fewer post-window steps than DanceGRPO's all-SDE rollout: its NFE column is smaller.
     assert float(rows["flash_star"][3]) < float(rows["dance_grpo"][3])
+
+
+def test_toy_variants_trains_each_variant_and_scores_them_on_common_samples(tmp_path):
+    table = tmp_path / "toy_variants.md"
+    subprocess.run(
+        [sys.executable, "experiments/bench/toy_variants.py", "--iterations", "1", "--variants", "dance_grpo,flash_star",
+         "--out", str(table), "rollout.prompts_per_iteration=2", "rollout.group_size=2"],
+        cwd=ROOT, check=True, capture_output=True, text=True, timeout=600,
+    )
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table.read_text().splitlines() if line.startswith("| ") and "---" not in line}
+    assert {"base (no RL)", "dance_grpo", "flash_star"} <= set(rows)
+    # columns: s/iter, NFE, trained steps, training reward, eval total, colour, shape, direction
+    assert float(rows["flash_star"][1]) < float(rows["dance_grpo"][1])  # fewer model calls per video
+    assert int(rows["dance_grpo"][2]) > int(rows["flash_star"][2])  # DanceGRPO trains 60% of all steps
+    for name in ("base (no RL)", "dance_grpo", "flash_star"):
+        assert 0.0 <= float(rows[name][4]) <= 1.0
