@@ -6,7 +6,7 @@ quickstart config for ``--iterations`` iterations (same prompts, seeds, group si
 sampler and window mapped onto the toy's ``sampler.num_steps`` steps:
 
   dance_grpo   SDE on every step, train a random 60% of them
-  mixgrpo      the quickstart's window (progressive), Euler elsewhere
+  mixgrpo      the quickstart's window (progressive), Euler elsewhere (the quickstart itself runs Flash)
   flash        the quickstart's window, DPM-Solver++ 2M after it on 40% of the steps
   flash_star   the quickstart's window size frozen at step 0, DPM-Solver++ 2M after it on 20% of the steps
 
@@ -41,10 +41,11 @@ VARIANTS = ("dance_grpo", "mixgrpo", "flash", "flash_star")
 def variant_overrides(name: str, base: ExperimentConfig) -> list[str]:
     """Config overrides that turn the quickstart into ``name`` (window sizes relative to the toy's steps)."""
     sde_steps = base.sampler.num_steps - 1  # the last step lands on sigma = 0 and is never stochastic
+    euler = ["sampler.post_window=euler", "sampler.post_window_ratio=1.0"]
     if name == "dance_grpo":
-        return ["window.kind=frozen", "window.start=0", f"window.size={sde_steps}", "window.train_fraction=0.6"]
+        return ["window.kind=frozen", "window.start=0", f"window.size={sde_steps}", "window.train_fraction=0.6", *euler]
     if name == "mixgrpo":
-        return []
+        return euler
     if name == "flash":
         return ["sampler.post_window=dpm2m", "sampler.post_window_ratio=0.4"]
     if name == "flash_star":
