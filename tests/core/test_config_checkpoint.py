@@ -123,5 +123,5 @@ def test_resume_refuses_a_changed_config_but_allows_more_iterations(tmp_path):
     cfg = load_config(quickstart_path())
     (tmp_path / "config.yaml").write_text(dump_config(cfg))
     check_resume_config(load_config(quickstart_path(), ["train.iterations=99"]), tmp_path)
-    with pytest.raises(ConfigError, match=r"learner.lr: 0.0003 -> 0.001.*new --run-dir"):
+    with pytest.raises(ConfigError, match=r"learner.lr: 0.0006 -> 0.001.*new --run-dir"):
         check_resume_config(load_config(quickstart_path(), ["learner.lr=1e-3"]), tmp_path)
