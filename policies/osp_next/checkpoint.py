@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from policies.files import atomic_write
 from policies.osp_next.config import OSPNextConfig
 
 OWN_CLASS_NAME = "OSPNext"
@@ -203,22 +202,11 @@ def load_pretrained(cls: type, path: str | Path, **overrides: Any) -> Any:
     return model
 
 
-def _atomic_write(target: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_pretrained(model: Any, path: str | Path) -> None:
     """``config.json`` (with ``_class_name: OSPNext``) + ``model.safetensors`` with Wan key names."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     config = {"_class_name": OWN_CLASS_NAME, **model.config.to_dict()}
     state = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
-    _atomic_write(folder / OWN_WEIGHTS, lambda tmp: save_file(state, tmp))
-    _atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    atomic_write(folder / OWN_WEIGHTS, lambda tmp: save_file(state, tmp))
+    atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))

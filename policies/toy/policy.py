@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from policies.base import Policy, PolicySpec
+from policies.files import atomic_write
 from policies.osp_next import OSPNext, OSPNextConfig
 from policies.toy.text import ToyTextEncoder, ToyTextEncoderConfig
 from policies.toy.vae import ToyPixelVAE
@@ -122,19 +122,6 @@ def metadata_path(weights_path: str | Path) -> Path:
     return Path(weights_path).with_suffix(".json")
 
 
-def _atomic(target: Path, write: Any) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; weights are meant to be shared
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_toy_policy(policy: Policy, path: str | Path, *, pretrain: dict[str, Any] | None = None) -> Path:
     """Write ``path`` (safetensors: transformer + text encoder) and its JSON, each atomically."""
     path = Path(path)
@@ -144,8 +131,8 @@ def save_toy_policy(policy: Policy, path: str | Path, *, pretrain: dict[str, Any
     tensors.update({f"text_encoder.{k}": v for k, v in policy.text_encoder.state_dict().items()})
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
     meta = {"config": policy.config.to_dict(), "pretrain": pretrain or {}}
-    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "mixgrpo-toy"}))
-    _atomic(metadata_path(path), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "mixgrpo-toy"}))
+    atomic_write(metadata_path(path), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
     return path
 
 
