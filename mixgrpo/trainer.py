@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import random
 import time
 import warnings
@@ -343,12 +344,10 @@ def train(cfg: ExperimentConfig, *, run_dir: Path, resume: bool = False) -> Path
     return trainer.run()
 
 
-def sample_videos(cfg: ExperimentConfig, *, prompts: list[str], checkpoint: str | None, out_dir: Path,
-                  num_per_prompt: int = 1, seed: int = 0) -> list[Path]:
-    """``mixgrpo sample``: mp4s of the policy (the base, or a checkpoint's weights; EMA weights when present)."""
+def load_policy(cfg: ExperimentConfig, *, checkpoint: str | os.PathLike | None = None, device: torch.device):
+    """The experiment's policy: the base, or with a checkpoint's trained weights (EMA weights when present)."""
     from mixgrpo.checkpoint import read_checkpoint
 
-    device = resolve_device(cfg.train.device)
     policy = build_policy(cfg.policy, quantization=cfg.learner.quantization).to(device)
     if cfg.learner.lora.enabled:
         apply_lora(policy.transformer, rank=cfg.learner.lora.rank, alpha=cfg.learner.lora.alpha,
@@ -363,6 +362,14 @@ def sample_videos(cfg: ExperimentConfig, *, prompts: list[str], checkpoint: str 
         with torch.no_grad():
             for name, value in weights.items():
                 params[name].copy_(value.to(params[name].device, params[name].dtype))
+    return policy
+
+
+def sample_videos(cfg: ExperimentConfig, *, prompts: list[str], checkpoint: str | None, out_dir: Path,
+                  num_per_prompt: int = 1, seed: int = 0) -> list[Path]:
+    """``mixgrpo sample``: mp4s of the policy (the base, or a checkpoint's weights; EMA weights when present)."""
+    device = resolve_device(cfg.train.device)
+    policy = load_policy(cfg, checkpoint=checkpoint, device=device)
     out_dir.mkdir(parents=True, exist_ok=True)
     expanded = [p for p in prompts for _ in range(num_per_prompt)]
     videos = generate(policy, cfg, expanded, seed=seed, device=device)

@@ -22,6 +22,7 @@ the SDE rollouts, so not comparable across variants), and the common evaluation 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +34,9 @@ from mixgrpo.cli import quickstart_path
 from mixgrpo.config import ExperimentConfig, load_config
 from mixgrpo.trainer import Trainer, generate
 from policies.toy.world import eval_prompts, train_prompts
-from rewards.toy_fidelity import ToyFidelityReward
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from toy_eval import score_samples  # noqa: E402
 
 VARIANTS = ("dance_grpo", "mixgrpo", "flash", "flash_star")
 
@@ -53,11 +56,11 @@ def variant_overrides(name: str, base: ExperimentConfig) -> list[str]:
     raise ValueError(f"unknown variant {name!r}; choose from {list(VARIANTS)}")
 
 
-def evaluate(policy, cfg: ExperimentConfig, reward: ToyFidelityReward) -> dict[str, float]:
+def evaluate(policy, cfg: ExperimentConfig) -> dict[str, float]:
     """Mean toy_fidelity (total and per attribute) of deterministic ODE samples on fixed prompts and seeds."""
     prompts = train_prompts() * 2 + eval_prompts() * 4
-    videos = generate(policy, cfg, prompts, seed=10_000, device=torch.device("cpu"))
-    return {k: float(v.mean()) for k, v in reward.breakdown(videos, prompts).items()}
+    scores = score_samples(policy, cfg, prompts, seed=10_000)
+    return {k: float(scores[k].mean()) for k in ("total", "colour", "shape", "direction")}
 
 
 def quarter_means(run_dir: Path) -> tuple[float, float]:
@@ -77,12 +80,11 @@ def main() -> None:
     for name in names:
         variant_overrides(name, load_config(quickstart_path(), args.overrides))  # fail before any run
     common = [*args.overrides, f"train.iterations={args.iterations}", "train.num_videos=0", "train.device=cpu"]
-    reward = ToyFidelityReward()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         base_cfg = load_config(quickstart_path(), common)
         base_trainer = Trainer(base_cfg, run_dir=Path(tmp) / "base")
-        rows.append({"variant": "base (no RL)", **evaluate(base_trainer.policy, base_cfg, reward)})
+        rows.append({"variant": "base (no RL)", **evaluate(base_trainer.policy, base_cfg)})
         for name in names:
             cfg = load_config(quickstart_path(), [*common, *variant_overrides(name, base_cfg)])
             trainer = Trainer(cfg, run_dir=Path(tmp) / name)
@@ -93,7 +95,7 @@ def main() -> None:
             first, last = quarter_means(trainer.run_dir)
             rows.append({"variant": name, "s_per_iter": seconds, "nfe": float(metrics["nfe"].mean()),
                          "trained": int(trainer.window.train_mask(1).sum()), "train_first": first, "train_last": last,
-                         **evaluate(trainer.policy, cfg, reward)})
+                         **evaluate(trainer.policy, cfg)})
             print(f"{name}: done, {seconds:.2f} s/iteration", flush=True)
     lines = [f"toy world, {args.iterations} iterations per variant, {torch.get_num_threads()} CPU threads",
              "",
