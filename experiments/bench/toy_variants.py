@@ -77,9 +77,12 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="quickstart overrides applied to every variant")
     args = parser.parse_args()
     names = args.variants.split(",")
-    for name in names:
-        variant_overrides(name, load_config(quickstart_path(), args.overrides))  # fail before any run
     common = [*args.overrides, f"train.iterations={args.iterations}", "train.num_videos=0", "train.device=cpu"]
+    try:  # every variant's config is built before the first run, so a typo fails in seconds
+        for name in names:
+            load_config(quickstart_path(), [*common, *variant_overrides(name, load_config(quickstart_path(), common))])
+    except ValueError as exc:
+        parser.error(str(exc))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         base_cfg = load_config(quickstart_path(), common)
