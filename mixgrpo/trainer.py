@@ -302,14 +302,13 @@ def _mean_std(prefix: str, values: torch.Tensor) -> dict[str, float]:
 
 
 def component_means(scores: ScoreTable) -> dict[str, float]:
-    """``reward/<name>/<component>/mean`` over the finite component scores of kept samples (the convention of
-    ``reward/<name>/mean`` in ``advantages._stats``); NaN when no kept sample has a finite value."""
+    """``reward/<name>/<component>/mean`` over the finite component scores: the same samples as
+    ``reward/<name>/mean`` (a failed call leaves NaN components), so a reward's parts and its total line up."""
     means = {}
     for name, parts in scores.details.items():
         for component, values in parts.items():
-            kept = values[scores.keep_B]
-            finite = kept[torch.isfinite(kept)]
-            means[f"reward/{name}/{component}/mean"] = float(finite.mean()) if finite.numel() else float("nan")
+            prefix = f"reward/{name}/{component}"
+            means[f"{prefix}/mean"] = _mean_std(prefix, values)[f"{prefix}/mean"]
     return means
 
 

@@ -86,7 +86,7 @@ def test_killed_then_resumed_run_equals_an_uninterrupted_run(tmp_path):
                                   b.samples[["iteration", "prompt", "seed", "reward"]])
 
 
-def test_component_means_use_finite_values_of_kept_samples():
+def test_component_means_use_the_same_samples_as_the_reward_mean():
     nan = math.nan
     table = ScoreTable(sample_ids=[0, 1, 2, 3], raw={"r": torch.zeros(4)}, weights={"r": 1.0}, nan_counts={"r": 0},
                        failed_ids={"r": []}, errors={}, dropped_ids=[3], dropped_groups=[1],
@@ -94,4 +94,5 @@ def test_component_means_use_finite_values_of_kept_samples():
     assert table.details == {} and component_means(table) == {}  # built without details: nothing to log
     table.details = {"r": {"a": torch.tensor([1.0, nan, 3.0, 100.0]), "b": torch.tensor([nan, nan, nan, 1.0])}}
     means = component_means(table)
-    assert means["reward/r/a/mean"] == 2.0 and math.isnan(means["reward/r/b/mean"])
+    # like reward/<name>/mean: every finite value, dropped groups included (only failed calls are NaN)
+    assert means["reward/r/a/mean"] == (1.0 + 3.0 + 100.0) / 3 and means["reward/r/b/mean"] == 1.0
