@@ -20,7 +20,7 @@ for part in "$@"; do
       python experiments/bench/sp_projection.py --blocks "$out/sp_blocks_${n}gpu.json" --forward "$out/sp_forward_${n}gpu.json" \
         --out "$out/sp_projection_${n}gpu.md" 2>&1 | tail -30 ;;
     rollout)
-      workers=$(seq -s, 1 "$n" | awk -F, '{for(i=1;i<=NF;i*=2) printf "%s%s", (i>1?",":""), i}')
+      workers=1; w=2; while [ "$w" -le "$n" ]; do workers="$workers,$w"; w=$((w * 2)); done   # 1,2,4,... up to n
       run rollout_throughput_${n}gpu 200 python experiments/bench/rollout_throughput.py --workers "$workers" --steps 8 --group 2 --prompts 8 ;;
     dit40)
       run sp_forward40_${n}gpu 240 torchrun --nproc-per-node "$n" experiments/bench/sp_forward.py --layers 40 --full-blocks 8 \
