@@ -154,6 +154,31 @@ def read_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(path=path, iteration=int(state["iteration"]), tensors=tensors, objects=objects, state=state)
 
 
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint folder ``path`` names: a checkpoint itself, a ``checkpoints/`` folder, or a run directory
+    (then the newest intact checkpoint in its ``checkpoints/``; broken newer ones are skipped with a warning).
+
+    Raises ``ValueError`` saying what was looked for when there is none.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"no such checkpoint, checkpoints folder or run directory: {str(path)!r}")
+    if (path / MANIFEST).is_file() or (path.name.startswith(PREFIX) and path.is_dir()):
+        problem = verify_checkpoint(path)
+        if problem is not None:
+            raise ValueError(f"checkpoint {path} is not usable: {problem}; pass its run directory to use the newest "
+                             "intact checkpoint instead")
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    for candidate in reversed(list_checkpoints(root)):
+        problem = verify_checkpoint(candidate)
+        if problem is None:
+            return candidate
+        warnings.warn(f"skipping checkpoint {candidate.name}: {problem}; falling back to the previous one", stacklevel=2)
+    raise ValueError(f"{str(path)!r} holds no intact checkpoint (looked for {PREFIX}NNNNNN folders with a "
+                     f"{MANIFEST} in {str(root)!r}); train longer or pass another run")
+
+
 def load_latest_checkpoint(root: str | Path) -> Checkpoint | None:
     """The newest intact checkpoint under ``root``; broken newer ones are skipped with a warning."""
     for path in reversed(list_checkpoints(root)):

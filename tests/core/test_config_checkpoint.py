@@ -125,3 +125,22 @@ def test_resume_refuses_a_changed_config_but_allows_more_iterations(tmp_path):
     check_resume_config(load_config(quickstart_path(), ["train.iterations=99"]), tmp_path)
     with pytest.raises(ConfigError, match=r"learner.lr: 0.0006 -> 0.001.*new --run-dir"):
         check_resume_config(load_config(quickstart_path(), ["learner.lr=1e-3"]), tmp_path)
+
+
+def test_resolve_checkpoint_accepts_a_run_a_checkpoints_folder_or_a_checkpoint(tmp_path):
+    from mixgrpo.checkpoint import resolve_checkpoint, save_checkpoint
+
+    root = tmp_path / "run" / "checkpoints"
+    for iteration in (1, 2):
+        save_checkpoint(root, iteration, tensors={"model": {"w": torch.ones(2) * iteration}}, objects={}, state={},
+                        keep=5)
+    (root / "iter_000003").mkdir()  # an unfinished newer one (no manifest) is skipped
+    assert resolve_checkpoint(tmp_path / "run") == root / "iter_000002"
+    assert resolve_checkpoint(root) == root / "iter_000002"
+    assert resolve_checkpoint(root / "iter_000001") == root / "iter_000001"
+    with pytest.raises(ValueError, match="not usable"):
+        resolve_checkpoint(root / "iter_000003")
+    with pytest.raises(ValueError, match="no intact checkpoint"):
+        resolve_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="no such"):
+        resolve_checkpoint(tmp_path / "missing")
