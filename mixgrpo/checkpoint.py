@@ -5,6 +5,11 @@ in ``torch.save`` files (read back with ``weights_only=True``), a ``state.json``
 ``manifest.json`` holding the SHA-256 of every other file. The folder is assembled under a temporary name and
 renamed into place, so a crash leaves either a complete checkpoint or an ignored temporary folder. On load, a
 checkpoint whose manifest is missing or does not match is skipped with a warning and the previous one is used.
+
+A run whose learner is sharded (``learner.sharding=fsdp``) has no whole-model tensors anywhere: every rank writes
+its shards of weights, Adam state and EMA into ``dcp/`` (``torch.distributed.checkpoint``) inside the temporary
+folder, and the manifest covers those files too. :func:`read_model_weights` reassembles whole tensors from either
+kind, in one process.
 """
 
 from __future__ import annotations
@@ -16,13 +21,15 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
 MANIFEST = "manifest.json"
 PREFIX = "iter_"
+SHARDED_DIR = "dcp"
+"""Subfolder of a sharded run's checkpoint holding the torch.distributed.checkpoint files."""
 
 
 @dataclass
@@ -57,8 +64,13 @@ def save_checkpoint(
     objects: dict[str, Any],
     state: dict[str, Any],
     keep: int,
+    write_shards: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write checkpoint ``iteration`` atomically under ``root`` and keep only the newest ``keep`` ones."""
+    """Write checkpoint ``iteration`` atomically under ``root`` and keep only the newest ``keep`` ones.
+
+    ``write_shards(folder)``: called with the temporary ``dcp/`` folder before the manifest is written (every rank
+    of a sharded learner saves its shards there; the folder must be on storage they all see).
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(root, iteration)
@@ -74,6 +86,10 @@ def save_checkpoint(
         name = f"{group}.pt"
         torch.save(obj, tmp / name)
         files.append(name)
+    if write_shards is not None:
+        (tmp / SHARDED_DIR).mkdir()
+        write_shards(tmp / SHARDED_DIR)
+        files.extend(sorted(str(f.relative_to(tmp)) for f in (tmp / SHARDED_DIR).rglob("*") if f.is_file()))
     (tmp / "state.json").write_text(json.dumps({"iteration": iteration, **state}, indent=1))
     files.append("state.json")
     manifest = {"iteration": iteration, "files": {name: _sha256(tmp / name) for name in files}}
@@ -92,6 +108,8 @@ def _fsync_dir(path: Path) -> None:
         if child.is_file():
             with open(child, "rb") as handle:
                 os.fsync(handle.fileno())
+        elif child.is_dir():
+            _fsync_dir(child)
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -187,3 +205,40 @@ def load_latest_checkpoint(root: str | Path) -> Checkpoint | None:
             return read_checkpoint(path)
         warnings.warn(f"skipping checkpoint {path.name}: {problem}; falling back to the previous one", stacklevel=2)
     return None
+
+
+def read_model_weights(path: Path, *, ema: bool = True) -> dict[str, torch.Tensor]:
+    """The trained tensors of checkpoint ``path`` as whole CPU tensors: the EMA when ``ema`` and the run kept one,
+    else the weights; from safetensors, or reassembled from a sharded run's ``dcp/`` shards."""
+    path = Path(path)
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise ValueError(f"checkpoint {path} is not usable: {problem}")
+    if (path / SHARDED_DIR).is_dir():
+        return _read_sharded(path / SHARDED_DIR, "ema" if ema and _has_group(path / SHARDED_DIR, "ema") else "model")
+    name = "ema" if ema and (path / "ema.safetensors").is_file() else "model"
+    return load_file(str(path / f"{name}.safetensors"))
+
+
+def _has_group(folder: Path, group: str) -> bool:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    return any(key.startswith(f"{group}.") for key in keys)
+
+
+def _read_sharded(folder: Path, group: str) -> dict[str, torch.Tensor]:
+    """Whole tensors of ``group`` ("model" or "ema") from torch.distributed.checkpoint files, in this process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    prefix = f"{group}."
+    tensors = {key[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype)
+               for key, meta in metadata.items()
+               if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
+    if not tensors:
+        raise ValueError(f"sharded checkpoint {folder} holds no {group!r} tensors")
+    dcp.load({group: tensors}, checkpoint_id=str(folder), no_dist=True)
+    return tensors

@@ -14,9 +14,11 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
+
+from policies.wan import WanPolicyConfig
 
 
 class ConfigError(ValueError):
@@ -29,41 +31,40 @@ def _require(ok: bool, message: str) -> None:
 
 
 @dataclass(kw_only=True)
-class PolicyConfig:
-    """Which policy to post-train."""
+class PolicyConfig(WanPolicyConfig):
+    """Which policy to post-train, and how it runs. The Wan fields (model_dir, component paths, tokenizer_path,
+    dtypes, vae_tiling, text_len, video size, layout) are ``policies.wan.WanPolicyConfig``'s own, inherited."""
 
+    _owner: ClassVar[str] = "policy."
     kind: Literal["toy", "wan", "synthetic"] = "toy"
     """``toy``: the embedded toy world (tiny OSP-Next in pixel space); ``wan``: OSP-Next / Wan2.1 from local folders;
     ``synthetic``: an OSP-Next ``preset`` with seeded random weights and stand-in encoders (benchmarks only)."""
     weights: str | None = None
     """toy: a safetensors file of a pretrained toy base (default: the one shipped with the library)."""
-    model_dir: str | None = None
-    """wan: a diffusers-format Wan2.1 folder with transformer/, text_encoder/, tokenizer/, vae/."""
-    transformer_path: str | None = None
-    text_encoder_path: str | None = None
-    vae_path: str | None = None
-    num_frames: int = 81
-    height: int = 720
-    width: int = 1280
-    layout: str = "dual_end"
-    """OSP-Next attention layout for the wan policy: ``full`` or ``dual_end``."""
-    num_full_blocks: int = 8
-    sparse_ratio: int = 2
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    layout: str | list[str] | None = "dual_end"
+    """OSP-Next attention layout: ``full``, ``dual_end`` or one kind per block (wan: None keeps the checkpoint's)."""
+    num_full_blocks: int | None = 8
+    """Full-attention blocks of layout=dual_end, split between both ends (OSP-Next: 8)."""
+    sparse_ratio: int | None = 2
+    """Skiparse k: sparse blocks attend within k*k subsequences (OSP-Next: 2)."""
     gradient_checkpointing: bool = False
+    """Recompute each transformer block in backward (activation memory of one block instead of all)."""
+    quantization: Literal["none", "hif8"] = "none"
+    """``hif8``: HiF8 fake-quantized forward and backward of the transformer, in rollouts and updates alike."""
     preset: str = "wan2.1-t2v-1.3b"
     """synthetic: the ``OSPNextConfig`` preset whose shapes the random transformer has."""
 
     def __post_init__(self) -> None:
-        if self.kind == "wan":
-            _require(
-                self.model_dir is not None or self.transformer_path is not None,
-                "policy.model_dir (or policy.transformer_path) is required when policy.kind=wan: "
-                "point it at a local diffusers-format Wan2.1 folder",
-            )
         _require(self.kind in ("toy", "wan", "synthetic"),
                  f"policy.kind must be 'toy', 'wan' or 'synthetic', got {self.kind!r}")
-        _require(self.sparse_ratio >= 1, f"policy.sparse_ratio must be >= 1, got {self.sparse_ratio}")
+        _require(self.sparse_ratio is None or self.sparse_ratio >= 1,
+                 f"policy.sparse_ratio must be >= 1, got {self.sparse_ratio}")
+        try:
+            self.check_fields()
+            if self.kind == "wan":
+                self.check_sources()
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
 
 @dataclass(kw_only=True)
@@ -188,8 +189,10 @@ class LearnerConfig:
     ema_decay: float = 0.0
     """0 disables the EMA of trainable weights."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    quantization: Literal["none", "hif8"] = "none"
-    """``hif8``: HiF8 fake-quantized forward and backward in rollout and learner alike."""
+    """Autocast dtype of the update's forward and backward (with learner.sharding=fsdp: FSDP's compute dtype)."""
+    sharding: Literal["none", "fsdp"] = "none"
+    """``fsdp``: parameters, gradients and Adam state sharded over every rank (FSDP2), for full fine-tuning of
+    models whose weights and optimizer state do not fit one GPU; ``none``: every rank holds a full copy."""
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
@@ -217,6 +220,8 @@ class RolloutConfig:
     """Videos per prompt (the GRPO group); they share their initial noise."""
     batch_size: int = 16
     """Videos sampled together in one batched forward."""
+    timeout_s: float = 1800.0
+    """ray: a worker group that makes no progress for this long is treated as dead (torn down and restarted)."""
 
     def __post_init__(self) -> None:
         _require(self.group_size >= 2, f"rollout.group_size must be >= 2 for group-relative advantages, got {self.group_size}")
@@ -224,6 +229,8 @@ class RolloutConfig:
         _require(self.num_workers >= 1, f"rollout.num_workers must be >= 1, got {self.num_workers}")
         _require(self.sp_size >= 1, f"rollout.sp_size must be >= 1, got {self.sp_size}")
         _require(self.batch_size >= 1, f"rollout.batch_size must be >= 1, got {self.batch_size}")
+        _require(math.isfinite(self.timeout_s) and self.timeout_s > 0,
+                 f"rollout.timeout_s must be a number of seconds > 0, got {self.timeout_s}")
 
 
 @dataclass(kw_only=True)
@@ -274,8 +281,20 @@ class ExperimentConfig:
         _require(self.window.start + self.window.size <= coverable,
                  f"window.start + window.size ({self.window.start + self.window.size}) must be <= sampler.num_steps - 1 "
                  f"({coverable}); lower window.start")
-        if self.learner.quantization == "hif8":
-            _require(self.learner.mixed_precision != "fp16", "learner.quantization=hif8 runs in bf16 or fp32; set learner.mixed_precision=bf16 or no")
+        if self.policy.quantization == "hif8":
+            _require(self.learner.mixed_precision != "fp16", "policy.quantization=hif8 runs in bf16 or fp32; set learner.mixed_precision=bf16 or no")
+        rollout = self.rollout
+        if rollout.backend == "ray":
+            _require(rollout.prompts_per_iteration >= rollout.num_workers,
+                     f"rollout.prompts_per_iteration ({rollout.prompts_per_iteration}) must be >= rollout.num_workers "
+                     f"({rollout.num_workers}): every worker group samples and trains on its own prompt groups")
+        if self.learner.sharding == "fsdp":
+            _require(rollout.prompts_per_iteration % rollout.num_workers == 0,
+                     f"learner.sharding=fsdp runs every forward in lockstep over all worker groups: "
+                     f"rollout.prompts_per_iteration ({rollout.prompts_per_iteration}) must be a multiple of "
+                     f"rollout.num_workers ({rollout.num_workers})")
+            _require(not self.learner.lora.enabled, "learner.sharding=fsdp is for full fine-tuning; with "
+                     "learner.lora.enabled=true keep learner.sharding=none (the frozen base is replicated)")
 
     @property
     def samples_per_iteration(self) -> int:

@@ -13,7 +13,7 @@ import contextlib
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from torch import nn
@@ -22,17 +22,100 @@ from mixgrpo.config import LearnerConfig, SamplerConfig
 from mixgrpo.loss import clipped_surrogate_loss, kl_to_reference
 from mixgrpo.sampler import Trajectory, recompute_log_prob
 
+if TYPE_CHECKING:
+    import torch.distributed as dist
+
 
 @dataclass
 class UpdateBatch:
-    """What the learner needs from one iteration's rollouts (all on the learner's device)."""
+    """What the learner needs from this worker's rollouts (all on the learner's device, this worker's samples)."""
 
     trajectory: Trajectory
     advantages_B: torch.Tensor
     text_states_BLD: torch.Tensor
     negative_text_states_BLD: torch.Tensor | None
+
+
+@dataclass
+class UpdatePlan:
+    """How one rollout batch of the whole iteration is consumed: the same plan reaches every rank.
+
+    ``minibatches`` hold global sample ids (one optimizer step each, in order); ``train_mask_BS`` is the global
+    mask; ``shares`` are every worker group's ``(first sample, count)``. A worker trains the rows it owns and scales
+    each term by its share of the minibatch's trained terms, so the sum of all ranks' gradients is the gradient one
+    process would compute on the whole batch.
+    """
+
+    minibatches: list[torch.Tensor]
     train_mask_BS: torch.Tensor
-    """True where stored step s of sample b is trained (DanceGRPO trains a random fraction of steps)."""
+    """True where stored step s of sample b is trained (a kept sample, in the window; DanceGRPO trains a random
+    fraction of steps)."""
+    shares: list[tuple[int, int]]
+    micro_batch_size: int
+    lockstep: bool = False
+    """Every rank must run the same number of forward/backward passes (FSDP: each one is a collective); ranks with
+    fewer terms run zero-weighted ones."""
+
+    def terms(self, minibatch: int, share: tuple[int, int]) -> list[tuple[int, torch.Tensor]]:
+        """``(step, local rows)`` of each forward/backward the worker owning ``share`` runs in ``minibatch``."""
+        first, count = share
+        ids = self.minibatches[minibatch]
+        mine = ids[(ids >= first) & (ids < first + count)] - first
+        mask = self.train_mask_BS[first:first + count]
+        out = []
+        for micro in mine.split(self.micro_batch_size):
+            for step in range(mask.shape[1]):
+                rows = micro[mask[micro, step]]
+                if rows.numel():
+                    out.append((step, rows))
+        return out
+
+    def trained(self, minibatch: int) -> int:
+        return int(self.train_mask_BS[self.minibatches[minibatch]].sum())
+
+    def num_passes(self, minibatch: int) -> int:
+        """Forward/backward passes every rank runs in ``minibatch`` under lockstep: the most any worker needs."""
+        return max(len(self.terms(minibatch, share)) for share in self.shares)
+
+
+def plan_update(train_mask_BS: torch.Tensor, *, optimizer_steps: int, micro_batch_size: int,
+                shares: list[tuple[int, int]] | None = None, generator: torch.Generator,
+                lockstep: bool = False) -> UpdatePlan:
+    """Shuffle the samples and split them into ``optimizer_steps`` minibatches (the local learner's split)."""
+    num_samples = train_mask_BS.shape[0]
+    order = torch.randperm(num_samples, generator=generator)
+    minibatches = [m for m in order.chunk(optimizer_steps) if m.numel() > 0]
+    return UpdatePlan(minibatches=minibatches, train_mask_BS=train_mask_BS.cpu().bool(),
+                      shares=shares or [(0, num_samples)], micro_batch_size=micro_batch_size, lockstep=lockstep)
+
+
+@dataclass
+class UpdateStats:
+    """Sums over this worker's loss terms; :func:`merge_update_stats` turns the workers' sums into metrics."""
+
+    sums: dict[str, float]
+    """loss, clip_fraction, kl, ratio/mean, first/ratio summed over terms; terms, first/terms counted."""
+    ratio_min: float
+    ratio_max: float
+    grad_norms: list[float]
+    lr: float
+
+
+STAT_KEYS = ("loss", "clip_fraction", "kl", "ratio/mean")
+
+
+def merge_update_stats(parts: list[UpdateStats]) -> dict[str, float]:
+    """Metrics of one update from the stats of every worker group (one per group: its ranks agree)."""
+    sums = {key: sum(p.sums.get(key, 0.0) for p in parts) for key in {k for p in parts for k in p.sums}}
+    terms = max(sums.get("terms", 0.0), 1.0)
+    stats = {key: sums.get(key, 0.0) / terms for key in STAT_KEYS}
+    first = sums.get("first/terms", 0.0)
+    grad_norms = parts[0].grad_norms
+    stats.update({"ratio/min": min(p.ratio_min for p in parts), "ratio/max": max(p.ratio_max for p in parts),
+                  # the on-policy check: every term before the first optimizer step must have ratio 1
+                  "ratio/first_step": sums.get("first/ratio", 0.0) / first if first else 1.0,
+                  "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else 0.0, "lr": parts[0].lr})
+    return stats
 
 
 def apply_lora(transformer: nn.Module, *, rank: int, alpha: float, targets: list[str]) -> nn.Module:
@@ -80,6 +163,14 @@ class EMA:
 
 
 class Learner:
+    """Recomputes log-probs and applies the clipped update on this worker's samples.
+
+    ``grad_group``: the process group whose gradients are summed after each minibatch (every rank of every worker
+    group, when the model is not FSDP-sharded; FSDP reduce-scatters in each backward itself). ``reference``: the
+    frozen model of a ``frozen_copy`` KL term, built by the caller (sharded like the transformer); by default a
+    deep copy of the transformer.
+    """
+
     def __init__(
         self,
         transformer: nn.Module,
@@ -87,14 +178,18 @@ class Learner:
         sampler_cfg: SamplerConfig,
         *,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        reference: nn.Module | None = None,
+        grad_group: "dist.ProcessGroup | None" = None,
     ) -> None:
         self.transformer = transformer
         self.cfg = cfg
         self.sampler_cfg = sampler_cfg
         self.autocast = autocast
+        self.grad_group = grad_group
         self.reference: nn.Module | None = None
         if cfg.kl_coeff > 0 and cfg.kl_reference == "frozen_copy":
-            self.reference = copy.deepcopy(transformer).requires_grad_(False).eval()
+            self.reference = reference if reference is not None else copy.deepcopy(transformer)
+            self.reference.requires_grad_(False).eval()
         self.params = {name: p for name, p in transformer.named_parameters() if p.requires_grad}
         if not self.params:
             raise ValueError("the transformer has no trainable parameters; enable learner.lora or unfreeze it")
@@ -139,39 +234,37 @@ class Learner:
 
     # ---- one rollout batch -> optimizer steps ----
 
-    def update(self, batch: UpdateBatch, *, generator: torch.Generator) -> dict[str, float]:
-        """Returns the metrics of this update (loss, clip fraction, ratio stats, KL, grad norm)."""
+    def update(self, batch: UpdateBatch, plan: UpdatePlan, *, share: tuple[int, int] | None = None) -> UpdateStats:
+        """Consume ``batch`` (the samples of ``share``, default: all of them) as ``plan`` says."""
         self.transformer.train()
-        num_samples = batch.advantages_B.shape[0]
-        order = torch.randperm(num_samples, generator=generator)
-        minibatches = [m for m in order.chunk(self.cfg.optimizer_steps) if m.numel() > 0]
-        mask_BS = batch.train_mask_BS.cpu()  # indices are built on the CPU, whatever the batch's device
-        totals = {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "ratio/mean": 0.0, "terms": 0}
-        ratio_min, ratio_max, first_ratio, grad_norms = math.inf, -math.inf, None, []
-        for minibatch in minibatches:
+        share = share or plan.shares[0]
+        sums = dict.fromkeys((*STAT_KEYS, "terms", "first/ratio", "first/terms"), 0.0)
+        ratio_min, ratio_max, grad_norms = math.inf, -math.inf, []
+        for index in range(len(plan.minibatches)):
             self.optimizer.zero_grad(set_to_none=True)
-            trained = int(mask_BS[minibatch].sum())
-            for micro in minibatch.split(self.cfg.micro_batch_size):
-                for step in range(mask_BS.shape[1]):
-                    rows = micro[mask_BS[micro, step]]
-                    if rows.numel() == 0:
-                        continue
-                    out = self._micro_step(batch, step, rows, scale=rows.numel() / trained)
-                    if first_ratio is None:
-                        first_ratio = out["ratio/mean"]
-                    totals["terms"] += 1
-                    for key in ("loss", "clip_fraction", "kl", "ratio/mean"):
-                        totals[key] += out[key]
-                    ratio_min, ratio_max = min(ratio_min, out["ratio/min"]), max(ratio_max, out["ratio/max"])
-            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.cfg.grad_clip)))
+            trained = plan.trained(index)
+            terms = plan.terms(index, share)
+            passes = plan.num_passes(index) if plan.lockstep else len(terms)
+            for n in range(passes):
+                if n >= len(terms):  # lockstep filler: a real row weighted 0 keeps every rank's collectives in step
+                    self._micro_step(batch, 0, torch.zeros(1, dtype=torch.long), scale=0.0)
+                    continue
+                step, rows = terms[n]
+                out = self._micro_step(batch, step, rows, scale=rows.numel() / trained)
+                sums["terms"] += 1
+                for key in STAT_KEYS:
+                    sums[key] += out[key]
+                if index == 0:
+                    sums["first/ratio"] += out["ratio/mean"]
+                    sums["first/terms"] += 1
+                ratio_min, ratio_max = min(ratio_min, out["ratio/min"]), max(ratio_max, out["ratio/max"])
+            self._sum_gradients()
+            grad_norms.append(self._clip_gradients())
             self.optimizer.step()
             if self.ema is not None:
                 self.ema.update(self.params)
-        terms = max(totals.pop("terms"), 1)
-        stats = {key: value / terms for key, value in totals.items()}
-        stats.update({"ratio/min": ratio_min, "ratio/max": ratio_max, "ratio/first_step": first_ratio or 1.0,
-                      "grad_norm": sum(grad_norms) / len(grad_norms), "lr": self.optimizer.param_groups[0]["lr"]})
-        return stats
+        return UpdateStats(sums=sums, ratio_min=ratio_min, ratio_max=ratio_max, grad_norms=grad_norms,
+                           lr=self.optimizer.param_groups[0]["lr"])
 
     def _micro_step(self, batch: UpdateBatch, step: int, rows: torch.Tensor, scale: float) -> dict[str, float]:
         log_prob_B, mean, std = self._step_terms(batch, step, rows)
@@ -184,9 +277,31 @@ class Learner:
         (loss * scale).backward()
         return {"loss": float(loss.detach()), "kl": float(kl.detach()), **{k: float(v) for k, v in info.items()}}
 
+    def _sum_gradients(self) -> None:
+        """Sum the gradients of every rank (not FSDP-sharded: FSDP summed them in each backward already)."""
+        if self.grad_group is None:
+            return
+        import torch.distributed as dist
+
+        grads = []
+        for p in self.params.values():
+            if p.grad is None:  # a rank with no rows in this minibatch still takes part in the sum
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        flat = torch.cat([g.reshape(-1) for g in grads])  # one collective instead of one per tensor
+        dist.all_reduce(flat, group=self.grad_group)
+        for grad, summed in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(summed.view_as(grad))
+
+    def _clip_gradients(self) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.cfg.grad_clip)
+        full = getattr(norm, "full_tensor", None)  # a DTensor under FSDP: the same total norm on every rank
+        return float(full() if full is not None else norm)
+
     # ---- state ----
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors (whole, not sharded)."""
         return {name: p.detach() for name, p in self.params.items()}
 
     def ema_state(self) -> dict[str, torch.Tensor] | None:
@@ -202,3 +317,47 @@ class Learner:
                 p.copy_(tensors[name].to(p.device, p.dtype))
         if self.ema is not None and ema is not None:
             self.ema.shadow = {k: v.to(self.params[k].device).float().clone() for k, v in ema.items()}
+
+    def local_state(self) -> dict[str, torch.Tensor]:
+        """This rank's part of everything an update changes (weights, Adam moments and steps, EMA), as CPU tensors
+        under flat names: a snapshot to restore after a fault (same world layout), or to inspect."""
+        from policies.parallel.fsdp import local_tensor
+
+        out = {}
+        for name, p in self.params.items():
+            out[f"param/{name}"] = local_tensor(p.detach()).cpu().clone()
+            for key, value in self.optimizer.state.get(p, {}).items():
+                out[f"{key}/{name}"] = local_tensor(value.detach()).cpu().clone()
+            if self.ema is not None:
+                out[f"ema/{name}"] = local_tensor(self.ema.shadow[name]).cpu().clone()
+        return out
+
+    @torch.no_grad()
+    def load_local_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore a :meth:`local_state` snapshot taken by the rank at the same place in the same world layout."""
+        from policies.parallel.fsdp import local_tensor
+
+        if any(key.startswith(("exp_avg/", "step/")) for key in state):
+            self._ensure_optimizer_state()
+        for name, p in self.params.items():
+            local_tensor(p).copy_(state[f"param/{name}"])
+            for key, value in self.optimizer.state.get(p, {}).items():
+                if f"{key}/{name}" in state:
+                    local_tensor(value).copy_(state[f"{key}/{name}"])
+            if self.ema is not None:
+                local_tensor(self.ema.shadow[name]).copy_(state[f"ema/{name}"])
+
+    def _ensure_optimizer_state(self) -> None:
+        """Create Adam's state slots (step, moments), shaped and placed as the optimizer makes them, by one step with
+        zero gradients at lr 0 (a no-op on the weights); their values are overwritten next."""
+        if all(p in self.optimizer.state for p in self.params.values()):
+            return
+        lrs = [group["lr"] for group in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["lr"] = 0.0
+        for p in self.params.values():
+            p.grad = torch.zeros_like(p)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr

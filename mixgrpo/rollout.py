@@ -64,7 +64,8 @@ class RolloutRequest:
 @dataclass
 class RolloutResult:
     request: RolloutRequest
-    trajectory: Trajectory
+    trajectory: Trajectory | None
+    """None when the trajectories stayed on the workers that made them (Ray)."""
     videos_BTCHW: torch.Tensor
     """Decoded videos in [0, 1], on the CPU."""
     nfe: int
@@ -124,3 +125,23 @@ class LocalRolloutEngine:
         trajectory = concat_trajectories(chunks) if len(chunks) > 1 else chunks[0]
         return RolloutResult(request=request, trajectory=trajectory, videos_BTCHW=torch.cat(videos),
                              nfe=nfe, seconds=time.perf_counter() - start)
+
+
+@torch.no_grad()
+def generate(policy: Policy, cfg, prompts: list[str], *, seed: int, device: torch.device,
+             seeds: list[int] | None = None) -> torch.Tensor:
+    """Videos ``[B, T, C, H, W]`` in [0, 1] for ``prompts`` with the deterministic ODE sampler (no SDE window).
+
+    ``cfg`` is the experiment config (its sampler section is used); video ``i`` starts from the noise of seed
+    ``seeds[i]`` (default ``seed + i``).
+    """
+    policy.transformer.eval()
+    seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(prompts))]
+    engine = LocalRolloutEngine(policy, cfg.sampler, device=device, batch_groups=len(prompts))
+    cond, neg = text_states(policy, prompts, device)
+    guided = cfg.sampler.guidance_scale not in (0.0, 1.0)
+    traj = sample(engine.velocity_fn, text_states_BLD=cond, negative_text_states_BLD=neg if guided else None,
+                  guidance_scale=cfg.sampler.guidance_scale, sigmas=engine.sigmas, sde_steps=[], eta=0.0,
+                  sde_kind=cfg.sampler.sde_kind, post_window="euler", post_window_ratio=1.0,
+                  latent_shape=policy.latent_shape(), group_size=1, seeds=seeds, group_seeds=seeds, device=device)
+    return policy.decode(traj.latents).float().cpu()

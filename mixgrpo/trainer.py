@@ -1,14 +1,14 @@
-"""The Mix-GRPO loop: rollout -> score -> advantages -> update -> sync -> log -> checkpoint.
+"""The Mix-GRPO loop: rollout -> score -> advantages -> update -> log -> checkpoint.
 
-``train(cfg, run_dir=..., resume=...)`` is what ``mixgrpo train`` runs. Construction (policy, rewards, learner,
-rollout engine, run log) lives in ``Trainer.__init__``; ``Trainer.run`` is the loop and fits on one screen.
+``train(cfg, run_dir=..., resume=...)`` is what ``mixgrpo train`` runs. The trainer is the controller: it draws
+prompts, scores videos, computes advantages and writes the run directory; the workers (``LocalWorkers`` in this
+process, or ``RayWorkers``: N groups x S ranks) hold the policy, sample, and train on their own samples.
+Construction lives in ``Trainer.__init__``; ``Trainer.run`` is the loop and fits on one screen.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 import random
 import time
 import warnings
@@ -21,19 +21,14 @@ from tqdm.auto import tqdm
 from mixgrpo.advantages import compute_advantages
 from mixgrpo.checkpoint import load_latest_checkpoint, save_checkpoint
 from mixgrpo.config import ConfigError, ExperimentConfig, dump_config
-from mixgrpo.learner import Learner, UpdateBatch, apply_lora
-from mixgrpo.rollout import LocalRolloutEngine, RolloutRequest, RolloutResult, group_seed, text_states
+from mixgrpo.learner import UpdatePlan, plan_update
+from mixgrpo.rollout import RolloutRequest, RolloutResult, generate, group_seed
 from mixgrpo.runlog import RunLog
 from mixgrpo.window import build_window_scheduler
 from mixgrpo import media
-from mixgrpo.policy_factory import build_policy, load_prompts
+from mixgrpo.policy_factory import build_policy, check_parallel_degrees, load_prompts
+from mixgrpo.worker import LocalWorkers, resolve_device
 from rewards.ensemble import RewardSet, ScoreTable
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -91,42 +86,31 @@ class PromptSampler:
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, *, run_dir: Path, resume: bool = False) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        check_parallel_degrees(cfg)  # before any model loads
         if resume:
             check_resume_config(cfg, self.run_dir)
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)
-        self.device = resolve_device(cfg.train.device)
-        self.policy = build_policy(cfg.policy, quantization=cfg.learner.quantization, device=str(self.device)).to(self.device)
-        if cfg.learner.lora.enabled:
-            apply_lora(self.policy.transformer, rank=cfg.learner.lora.rank, alpha=cfg.learner.lora.alpha,
-                       targets=cfg.learner.lora.targets)
-        self.learner = Learner(self.policy.transformer, cfg.learner, cfg.sampler, autocast=self._autocast)
-        self.log = RunLog(self.run_dir, resume=resume)
-        self.engine = self._build_engine()
-        self.rewards = RewardSet([dataclasses.asdict(r) for r in cfg.rewards], on_error=cfg.train.on_reward_error,
-                                 device=str(self.device))
         # The final step lands on sigma = 0 where the SDE's std vanishes: never sample or train it (as Flow-GRPO).
-        self.window = build_window_scheduler(**dataclasses.asdict(cfg.window), num_steps=cfg.sampler.num_steps - 1,
-                                             seed=cfg.train.seed)
+        self.window = build_window_scheduler(cfg.window, num_steps=cfg.sampler.num_steps - 1, seed=cfg.train.seed)
         self.prompts = PromptSampler(load_prompts(cfg.prompts), cfg.train.seed)
         self.eval_prompts = load_prompts(cfg.prompts, eval=True)[: cfg.train.num_videos]
+        self.log = RunLog(self.run_dir, resume=resume)
+        self.workers = self._build_workers()
+        # The driver of Ray workers holds no model on a GPU: its in-process rewards run on the CPU.
+        reward_device = "cpu" if cfg.rollout.backend == "ray" else str(resolve_device(cfg.train.device))
+        self.rewards = RewardSet([dataclasses.asdict(r) for r in cfg.rewards], on_error=cfg.train.on_reward_error,
+                                 device=reward_device)
         self.start_iteration = self._restore() if resume else 0
         self.log.write_config(cfg.to_dict())
 
-    def _build_engine(self):
+    def _build_workers(self):
         if self.cfg.rollout.backend == "ray":
-            from mixgrpo.ray_rollout import RayRolloutEngine
+            from mixgrpo.ray_workers import RayWorkers
 
-            return RayRolloutEngine(self.cfg, self.policy, device=self.device, on_event=self.log.event)
-        return LocalRolloutEngine(self.policy, self.cfg.sampler, device=self.device,
-                                  batch_groups=max(1, self.cfg.rollout.batch_size // self.cfg.rollout.group_size))
-
-    def _autocast(self):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.learner.mixed_precision)
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=dtype)
+            return RayWorkers(self.cfg, on_event=self.log.event)
+        return LocalWorkers(self.cfg, on_event=self.log.event)
 
     # ---- the loop ----
 
@@ -138,17 +122,10 @@ class Trainer:
             self.write_videos("start")
         for iteration in bar:
             tick = time.perf_counter()
-            rollouts = self.engine.rollout(self.request(iteration))
-            scores, reward_seconds = self.score(rollouts)
-            advantages, keep, adv_stats = self.advantages(rollouts, scores)
-            update_start = time.perf_counter()
-            batch = self.update_batch(rollouts, advantages, keep)
-            stats = self.learner.update(batch, generator=self.update_generator(iteration))
-            self.engine_sync()
-            metrics = self.metrics(iteration, rollouts, scores, adv_stats, stats, reward_seconds,
-                                   time.perf_counter() - update_start, time.perf_counter() - tick)
+            metrics, samples = self.workers.attempt(lambda: self.step(iteration), iteration)
+            metrics["time/total"] = time.perf_counter() - tick
             self.log.log_metrics(metrics)
-            self.log.log_samples(self.sample_rows(iteration, rollouts, scores, advantages))
+            self.log.log_samples(samples)
             self.window.advance()
             if (iteration + 1) % cfg.train.checkpoint_every == 0 or iteration + 1 == cfg.train.iterations:
                 self.checkpoint(iteration + 1)
@@ -158,6 +135,17 @@ class Trainer:
         self.write_videos("end")
         self.finish()
         return self.run_dir
+
+    def step(self, iteration: int) -> tuple[dict[str, float], list[dict]]:
+        """One iteration: rollout -> score -> advantages -> update. Returns its metrics row and sample rows."""
+        rollouts = self.workers.rollout(self.request(iteration))
+        scores, reward_seconds = self.score(rollouts)
+        advantages, keep, adv_stats = self.advantages(rollouts, scores)
+        update_start = time.perf_counter()
+        stats = self.workers.update(advantages, self.plan(iteration, keep))
+        metrics = self.metrics(iteration, rollouts, scores, adv_stats, stats, reward_seconds,
+                               time.perf_counter() - update_start)
+        return metrics, self.sample_rows(iteration, rollouts, scores, advantages)
 
     # ---- the steps ----
 
@@ -198,26 +186,20 @@ class Trainer:
             stats.update(result.stats)
         return advantages, keep, stats
 
-    def update_batch(self, rollouts: RolloutResult, advantages: torch.Tensor, keep: torch.Tensor) -> UpdateBatch:
-        request = rollouts.request
-        cond, neg = text_states(self.policy, request.sample_prompts, self.device)
-        guided = self.cfg.sampler.guidance_scale not in (0.0, 1.0)
-        traj = rollouts.trajectory.to(self.device)
-        mask = (self.window.train_mask(len(request.sample_seeds)) & keep[:, None]).to(self.device)
-        return UpdateBatch(trajectory=traj, advantages_B=advantages.to(self.device), text_states_BLD=cond,
-                           negative_text_states_BLD=neg if guided else None, train_mask_BS=mask)
+    def plan(self, iteration: int, keep: torch.Tensor) -> UpdatePlan:
+        """The iteration's minibatches (the same on every rank), over the trained steps of the kept samples."""
+        learner = self.cfg.learner
+        mask = self.window.train_mask(len(keep)) & keep[:, None]
+        return plan_update(mask, optimizer_steps=learner.optimizer_steps, micro_batch_size=learner.micro_batch_size,
+                           shares=self.workers.shares, generator=self.update_generator(iteration),
+                           lockstep=self.workers.sharded)
 
     def update_generator(self, iteration: int) -> torch.Generator:
         return torch.Generator().manual_seed(group_seed(self.cfg.train.seed + 1, iteration, 0))
 
-    def engine_sync(self) -> None:
-        sync = getattr(self.engine, "sync_weights", None)
-        if sync is not None:
-            sync(self.learner.trainable_state())
-
     # ---- logging, checkpoints, videos ----
 
-    def metrics(self, iteration, rollouts, scores, adv_stats, stats, reward_seconds, update_seconds, total_seconds):
+    def metrics(self, iteration, rollouts, scores, adv_stats, stats, reward_seconds, update_seconds):
         window = self.window.sde_steps()
         aggregate = scores.aggregate
         row = {"iteration": iteration, **_mean_std("reward", aggregate)}
@@ -229,8 +211,8 @@ class Trainer:
         row.update({k: float(v) for k, v in adv_stats.items() if not k.startswith("reward/")})
         row.update(stats)
         row.update({"window/start": float(min(window)), "window/size": float(len(window)), "nfe": float(rollouts.nfe),
-                    "time/rollout": rollouts.seconds, "time/reward": reward_seconds, "time/update": update_seconds,
-                    "time/total": total_seconds})
+                    "learner/world_size": float(self.workers.world_size), "time/rollout": rollouts.seconds,
+                    "time/reward": reward_seconds, "time/update": update_seconds})
         return row
 
     def sample_rows(self, iteration, rollouts, scores, advantages):
@@ -248,14 +230,16 @@ class Trainer:
         return rows
 
     def checkpoint(self, iteration: int) -> None:
-        ema = self.learner.ema_state()
-        tensors = {"model": self.learner.trainable_state(), **({"ema": ema} if ema is not None else {})}
-        objects = {"optimizer": self.learner.optimizer.state_dict(),
-                   # Every draw of the loop is derived from seeds; the global torch state covers library code.
-                   "rng": {"torch": torch.get_rng_state()}}
+        # Every draw of the loop is derived from seeds; the global torch state covers library code.
+        objects = {"rng": {"torch": torch.get_rng_state()}}
         state = {"window": self.window.state_dict(), "config_name": self.cfg.name}
-        save_checkpoint(self.run_dir / "checkpoints", iteration, tensors=tensors, objects=objects, state=state,
-                        keep=self.cfg.train.keep_checkpoints)
+        root, keep = self.run_dir / "checkpoints", self.cfg.train.keep_checkpoints
+        if self.workers.sharded:  # every rank writes its shards; no whole model exists anywhere
+            save_checkpoint(root, iteration, tensors={}, objects=objects, state=state, keep=keep,
+                            write_shards=self.workers.save_sharded)
+            return
+        tensors, optimizer = self.workers.checkpoint_payload()
+        save_checkpoint(root, iteration, tensors=tensors, objects={**optimizer, **objects}, state=state, keep=keep)
 
     def _restore(self) -> int:
         ckpt = load_latest_checkpoint(self.run_dir / "checkpoints")
@@ -264,8 +248,7 @@ class Trainer:
                           stacklevel=2)
             self.log.truncate_after(-1)
             return 0
-        self.learner.load_trainable_state(ckpt.tensors["model"], ckpt.tensors.get("ema"))
-        self.learner.optimizer.load_state_dict(ckpt.objects["optimizer"])
+        self.workers.load_checkpoint(ckpt.path)
         torch.set_rng_state(ckpt.objects["rng"]["torch"])
         self.window.load_state_dict(ckpt.state["window"])
         self.log.truncate_after(ckpt.iteration - 1)
@@ -277,7 +260,8 @@ class Trainer:
         """Sample the eval prompts with the pure ODE sampler (seeded) and write mp4s plus a contact sheet."""
         if not self.eval_prompts:
             return []
-        videos = generate(self.policy, self.cfg, self.eval_prompts, seed=self.cfg.train.seed, device=self.device)
+        seeds = [self.cfg.train.seed + i for i in range(len(self.eval_prompts))]
+        videos = self.workers.generate(self.eval_prompts, seeds)
         paths = []
         for index, (prompt, video) in enumerate(zip(self.eval_prompts, videos)):
             path = self.run_dir / "videos" / f"{tag}_{index:02d}_{media_slug(prompt)}.mp4"
@@ -290,8 +274,7 @@ class Trainer:
         from mixgrpo.analysis import load_run
 
         plot_reward_curves([load_run(self.run_dir)], self.run_dir / "reward_curve.png")
-        if hasattr(self.engine, "shutdown"):  # Ray workers: free their actors and placement groups
-            self.engine.shutdown()
+        self.workers.shutdown()
         self.log.close()
 
 
@@ -318,57 +301,17 @@ def media_slug(prompt: str) -> str:
     return slugify(prompt)
 
 
-@torch.no_grad()
-def generate(policy, cfg: ExperimentConfig, prompts: list[str], *, seed: int, device: torch.device) -> torch.Tensor:
-    """Videos ``[B, T, C, H, W]`` for ``prompts`` with the deterministic ODE sampler (no SDE window)."""
-    from mixgrpo.sampler import sample
-    from mixgrpo.sde import sigma_schedule
-
-    policy.transformer.eval()
-    engine = LocalRolloutEngine(policy, cfg.sampler, device=device, batch_groups=len(prompts))
-    cond, neg = text_states(policy, prompts, device)
-    guided = cfg.sampler.guidance_scale not in (0.0, 1.0)
-    traj = sample(engine.velocity_fn, text_states_BLD=cond, negative_text_states_BLD=neg if guided else None,
-                  guidance_scale=cfg.sampler.guidance_scale, sigmas=sigma_schedule(cfg.sampler.num_steps, cfg.sampler.shift),
-                  sde_steps=[], eta=0.0, sde_kind=cfg.sampler.sde_kind, post_window="euler", post_window_ratio=1.0,
-                  latent_shape=policy.latent_shape(), group_size=1,
-                  seeds=[seed + i for i in range(len(prompts))], group_seeds=[seed + i for i in range(len(prompts))],
-                  device=device)
-    return policy.decode(traj.latents).float().cpu()
-
-
 def train(cfg: ExperimentConfig, *, run_dir: Path, resume: bool = False) -> Path:
     trainer = Trainer(cfg, run_dir=run_dir, resume=resume)
     print(f"run directory: {trainer.run_dir}")
     return trainer.run()
 
 
-def load_policy(cfg: ExperimentConfig, *, checkpoint: str | os.PathLike | None = None, device: torch.device):
-    """The experiment's policy: the base, or with a checkpoint's trained weights (EMA weights when present)."""
-    from mixgrpo.checkpoint import read_checkpoint
-
-    policy = build_policy(cfg.policy, quantization=cfg.learner.quantization).to(device)
-    if cfg.learner.lora.enabled:
-        apply_lora(policy.transformer, rank=cfg.learner.lora.rank, alpha=cfg.learner.lora.alpha,
-                   targets=cfg.learner.lora.targets)
-    if checkpoint is not None:
-        ckpt = read_checkpoint(Path(checkpoint))
-        weights = ckpt.tensors.get("ema") or ckpt.tensors["model"]
-        missing = set(weights) - set(dict(policy.transformer.named_parameters()))
-        if missing:
-            raise ValueError(f"checkpoint {checkpoint} holds tensors this policy lacks, e.g. {sorted(missing)[:3]}")
-        params = dict(policy.transformer.named_parameters())
-        with torch.no_grad():
-            for name, value in weights.items():
-                params[name].copy_(value.to(params[name].device, params[name].dtype))
-    return policy
-
-
 def sample_videos(cfg: ExperimentConfig, *, prompts: list[str], checkpoint: str | None, out_dir: Path,
                   num_per_prompt: int = 1, seed: int = 0) -> list[Path]:
     """``mixgrpo sample``: mp4s of the policy (the base, or a checkpoint's weights; EMA weights when present)."""
     device = resolve_device(cfg.train.device)
-    policy = load_policy(cfg, checkpoint=checkpoint, device=device)
+    policy = build_policy(cfg, device=device, checkpoint=checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
     expanded = [p for p in prompts for _ in range(num_per_prompt)]
     videos = generate(policy, cfg, expanded, seed=seed, device=device)

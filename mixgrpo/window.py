@@ -24,6 +24,7 @@ one); DanceGRPO = window over all steps, train_fraction 0.6.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass
@@ -166,10 +167,12 @@ def exp_decay_interval(shift_interval: int, rate: float, threshold: int) -> Inte
 
 
 def build_window_scheduler(
+    config: Any = None,
+    /,
     *,
-    kind: str,
+    kind: str = "progressive",
     num_steps: int,
-    size: int,
+    size: int = 4,
     start: int = 0,
     shift_interval: int = 25,
     stride: int = 1,
@@ -181,9 +184,11 @@ def build_window_scheduler(
     train_fraction: float = 1.0,
     seed: int = 0,
 ) -> WindowScheduler:
-    """One scheduler from config values (the names of ``WindowConfig``); unused knobs of a kind are ignored.
+    """One scheduler from a ``WindowConfig`` (``build_window_scheduler(cfg.window, num_steps=..., seed=...)``) or
+    from its fields as keywords; unused knobs of a kind are ignored.
 
     Args:
+        config: a ``WindowConfig`` (or any object with its fields); its values replace the keywords.
         kind: progressive | frozen | random | decay | exp_decay.
         num_steps: steps the window may cover (window steps are < num_steps).
         size: window size w. start: initial (frozen: fixed) window start.
@@ -192,6 +197,9 @@ def build_window_scheduler(
         decay_rate, decay_threshold: exp_decay's k and threshold.
         train_fraction: fraction of window steps trained per sample. seed: for random windows and step choice.
     """
+    if config is not None:
+        return build_window_scheduler(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)},
+                                      num_steps=num_steps, seed=seed)
     _check(num_steps >= 1, f"num_steps must be >= 1 (steps the window may cover), got {num_steps}")
     _check(1 <= size <= num_steps, f"window.size must be in [1, num_steps={num_steps}], got {size}; "
            "lower window.size or raise sampler.num_steps")

@@ -4,10 +4,16 @@ It has the real transformer's shapes and cost (e.g. Wan2.1-1.3B) but needs no ch
 build it on every Ray worker from a config alone. The text encoder returns fixed random states per prompt and
 the decoder maps latents to videos without a VAE: their cost is left out of what the benchmark compares.
 Everything is seeded, so every process that builds it with the same arguments gets the same weights.
+
+The transformer can be built on the meta device (no memory, no time) and materialised later, after it was
+sharded: :func:`materialize_` writes each parameter (or this rank's shard of it) from a generator seeded by the
+parameter's name, so a 14B model is initialised on the GPUs in seconds instead of minutes on the CPU, and a
+sharded and an unsharded build hold the same values.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Sequence
 
@@ -15,6 +21,7 @@ import torch
 from torch import nn
 
 from policies.base import Policy, PolicySpec
+from policies.parallel.fsdp import copy_full_
 from policies.osp_next import OSPNext, OSPNextConfig
 from policies.vae import check_video_size
 
@@ -67,9 +74,59 @@ def build_synthetic_policy(*, preset: str = "wan2.1-t2v-1.3b", num_frames: int, 
     decoder = LatentDecoder(config.in_channels, config.patch_size[1])
     spec = PolicySpec(num_frames=num_frames, height=height, width=width)
     decoder.latent_shape(num_frames, height, width)  # fail on a bad size now, not mid-rollout
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer = OSPNext(config)
-    transformer.to(device=device, dtype=dtype)
+    if torch.device(device).type == "meta":
+        with torch.device("meta"):
+            transformer = OSPNext(config).to(dtype=dtype)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            transformer = OSPNext(config)
+        transformer.to(device=device, dtype=dtype)
     text = HashedTextEncoder(config.text_dim, min(64, config.text_len))
     return Policy(transformer=transformer, text_encoder=text, vae=decoder, spec=spec)
+
+
+def _name_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**62)
+
+
+def _full_values(name: str, module: nn.Module, shape: torch.Size, *, seed: int, device: torch.device) -> torch.Tensor:
+    """Values of parameter ``name`` (its whole shape, float32) from a generator seeded by the name.
+
+    Linear and conv weights and biases: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as torch's default init; norm weights 1,
+    norm biases 0; modulation tables N(0, 1/dim) as OSPNext's own init; LoRA A ~ N(0, 1/r) and B = 0 as peft's
+    "gaussian" init (the adapted model starts as the base).
+    """
+    leaf = name.rsplit(".", 1)[-1]
+    generator = torch.Generator(device=device).manual_seed(_name_seed(seed, name))
+    out = torch.empty(shape, dtype=torch.float32, device=device)
+    if "lora_B" in name:
+        return out.zero_()
+    if "lora_A" in name:
+        return out.normal_(0.0, 1.0 / shape[0], generator=generator)
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        return out.fill_(1.0 if leaf == "weight" else 0.0)
+    weight = getattr(module, "weight", None)
+    if isinstance(module, (nn.Linear, nn.Conv3d)) and weight is not None:
+        bound = 1.0 / math.sqrt(math.prod(weight.shape[1:]))
+        return out.uniform_(-bound, bound, generator=generator)
+    return out.normal_(0.0, 1.0 / math.sqrt(shape[-1]), generator=generator)
+
+
+@torch.no_grad()
+def materialize_(transformer: nn.Module, device: str | torch.device, *, seed: int = 0) -> nn.Module:
+    """Give every meta-device parameter of ``transformer`` storage on ``device`` and seeded values, in place.
+
+    Works on plain and on FSDP-sharded models (each rank writes its own shard of the same values); buffers (none in
+    OSPNext) are zeroed. Returns the transformer.
+    """
+    device = torch.device(device)
+    transformer.to_empty(device=device)
+    modules = dict(transformer.named_modules())
+    for name, param in transformer.named_parameters():
+        owner = modules[name.rsplit(".", 1)[0]] if "." in name else transformer
+        full = _full_values(name, owner, param.shape, seed=seed, device=device)
+        copy_full_(param, full)
+    for buffer in transformer.buffers():
+        buffer.zero_()
+    return transformer

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -55,36 +55,40 @@ class WanPolicyConfig:
     """Encode/decode in spatial tiles to bound the VAE's memory at 720p."""
     text_len: int | None = None
     """Tokens per prompt, the L of the text states [B, L, D]; None: the transformer's text_len (Wan: 512)."""
-    device: str = "cpu"
+
+    _owner: ClassVar[str] = "WanPolicyConfig."
+    """Prefix of field names in error messages (a config that embeds these fields names its own section)."""
 
     def __post_init__(self) -> None:
+        self.check_fields()
+        self.check_sources()
+
+    def check_sources(self) -> None:
+        """A local source for every component: ``model_dir``, or each component's own path."""
         if self.model_dir is None:
             missing = [f for f in ("transformer_path", "text_encoder_path", "vae_path") if getattr(self, f) is None]
             if missing:
                 raise ValueError(
-                    f"WanPolicyConfig: set model_dir to a local diffusers-format Wan2.1 folder, or set every "
-                    f"component path; missing {', '.join(missing)}"
+                    f"{self._owner}model_dir: set it to a local diffusers-format Wan2.1 folder, or set every "
+                    f"component path; missing {', '.join(self._owner + m for m in missing)}"
                 )
+
+    def check_fields(self) -> None:
+        owner = self._owner
         for name in ("dtype", "vae_dtype", "text_encoder_dtype"):
             value = getattr(self, name)
             if value is not None and value not in DTYPES:
-                raise ValueError(f"WanPolicyConfig.{name} must be one of {sorted(DTYPES)}, got {value!r}")
+                raise ValueError(f"{owner}{name} must be one of {sorted(DTYPES)}, got {value!r}")
         if self.text_encoder_dtype == "float16":
             raise ValueError(
-                "WanPolicyConfig.text_encoder_dtype='float16' overflows UMT5's activations; use 'bfloat16' or 'float32'"
+                f"{owner}text_encoder_dtype='float16' overflows UMT5's activations; use 'bfloat16' or 'float32'"
             )
         if self.text_len is not None and self.text_len <= 0:
             raise ValueError(
-                f"WanPolicyConfig.text_len must be positive or None (Wan uses {WAN_TEXT_LENGTH}), got {self.text_len}"
+                f"{owner}text_len must be positive or None (Wan uses {WAN_TEXT_LENGTH}), got {self.text_len}"
             )
         # Wan2.1's VAE and 2x2 patches fix these multiples; checked here so that a bad size fails before loading.
-        check_video_size(self.num_frames, self.height, self.width, latent_patch=2, owner="WanPolicyConfig.")
-        try:
-            torch.device(self.device)
-        except RuntimeError as error:
-            raise ValueError(
-                f"WanPolicyConfig.device {self.device!r} is not a torch device; use 'cpu' or 'cuda:0'"
-            ) from error
+        check_video_size(self.num_frames, self.height, self.width, latent_patch=2, owner=owner)
 
     def component_dir(self, component: str) -> tuple[str, str]:
         """(path, config field to blame in errors) for "transformer", "text_encoder" or "vae"."""
@@ -100,34 +104,35 @@ class WanPolicyConfig:
         return DTYPES[name]
 
 
-def load_transformer(config: WanPolicyConfig) -> torch.nn.Module:
+def load_transformer(config: WanPolicyConfig, *, device: str | torch.device = "cpu") -> torch.nn.Module:
     path, field = config.component_dir("transformer")
     if Path(path).is_file():  # an original Wan2.1 / OSP-Next weight file (e.g. the released EMA state dict)
         source = Path(path)
     else:
         source = resolve_component_dir(path, "transformer", what="Wan/OSP-Next transformer", field=field)
     model = OSPNext.from_pretrained(source, **config.transformer_overrides())
-    return model.to(device=config.device, dtype=DTYPES[config.dtype])
+    return model.to(device=device, dtype=DTYPES[config.dtype])
 
 
-def load_text_encoder(config: WanPolicyConfig, *, text_len: int) -> UMT5TextEncoder:
+def load_text_encoder(config: WanPolicyConfig, *, text_len: int, device: str | torch.device = "cpu") -> UMT5TextEncoder:
     path, field = config.component_dir("text_encoder")
     return UMT5TextEncoder.from_pretrained(
         path, tokenizer_path=config.tokenizer_path, max_length=text_len,
-        dtype=config.resolved_text_encoder_dtype(), device=config.device, field=field,
+        dtype=config.resolved_text_encoder_dtype(), device=device, field=field,
     )
 
 
-def load_vae(config: WanPolicyConfig, *, latent_patch: int) -> WanVAE:
+def load_vae(config: WanPolicyConfig, *, latent_patch: int, device: str | torch.device = "cpu") -> WanVAE:
     path, field = config.component_dir("vae")
     return WanVAE.from_pretrained(
         path, latent_patch=latent_patch, tiling=config.vae_tiling, dtype=DTYPES[config.vae_dtype],
-        device=config.device, field=field,
+        device=device, field=field,
     )
 
 
-def build_wan_policy(config: WanPolicyConfig | None = None, /, **fields: Any) -> Policy:
-    """The Wan/OSP-Next policy from ``config``, or from ``WanPolicyConfig(**fields)`` when no config is given.
+def build_wan_policy(config: WanPolicyConfig | None = None, /, *, device: str | torch.device = "cpu",
+                     **fields: Any) -> Policy:
+    """The Wan/OSP-Next policy on ``device`` from ``config``, or from ``WanPolicyConfig(**fields)``.
 
     The transformer is loaded first (the component most likely to be misconfigured), then the encoders; their
     widths and patch geometry are checked against it so that a mismatched folder fails here, not mid-rollout.
@@ -136,7 +141,8 @@ def build_wan_policy(config: WanPolicyConfig | None = None, /, **fields: Any) ->
         config = WanPolicyConfig(**fields)
     elif fields:
         raise ValueError(f"build_wan_policy: pass a WanPolicyConfig or keyword fields, not both (got {sorted(fields)})")
-    transformer = load_transformer(config)
+    config.check_sources()
+    transformer = load_transformer(config, device=device)
     model_config = transformer.config
     _, patch_h, patch_w = model_config.patch_size
     if patch_h != patch_w:
@@ -144,16 +150,16 @@ def build_wan_policy(config: WanPolicyConfig | None = None, /, **fields: Any) ->
     text_len = config.text_len if config.text_len is not None else model_config.text_len
     if text_len > model_config.text_len:
         raise ValueError(
-            f"WanPolicyConfig.text_len={text_len} exceeds the transformer's text_len={model_config.text_len}; "
+            f"{config._owner}text_len={text_len} exceeds the transformer's text_len={model_config.text_len}; "
             "lower text_len or leave it None"
         )
-    text_encoder = load_text_encoder(config, text_len=text_len)
+    text_encoder = load_text_encoder(config, text_len=text_len, device=device)
     if text_encoder.dim != model_config.text_dim:
         raise ValueError(
             f"text encoder states are {text_encoder.dim}-d but the transformer's text_dim is {model_config.text_dim}; "
             "text_encoder_path and transformer_path must come from the same Wan2.1 model"
         )
-    vae = load_vae(config, latent_patch=patch_h)
+    vae = load_vae(config, latent_patch=patch_h, device=device)
     if vae.latent_channels != model_config.in_channels:
         raise ValueError(
             f"the VAE makes {vae.latent_channels}-channel latents but the transformer takes "

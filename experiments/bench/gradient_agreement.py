@@ -36,12 +36,14 @@ def brightness(videos, prompts, **metadata):
 def policy_gradient(trainer: Trainer, seed: int, group: int) -> tuple[torch.Tensor, float]:
     request = RolloutRequest(iteration=0, prompts=PROMPTS, group_seeds=[group_seed(seed, 0, g) for g in range(4)],
                              group_size=group, sde_steps=list(trainer.window.sde_steps()))
-    rollouts = trainer.engine.rollout(request)
+    worker = trainer.workers.worker  # the local backend's one in-process worker
+    rollouts = worker.rollout(request)
     scores, _ = trainer.score(rollouts)
-    advantages, keep, _ = trainer.advantages(rollouts, scores)
-    batch = trainer.update_batch(rollouts, advantages, keep)
-    learner = trainer.learner
-    trainer.policy.transformer.train()
+    advantages, _, _ = trainer.advantages(rollouts, scores)
+    batch = worker.batch
+    batch.advantages_B = advantages
+    learner = worker.learner
+    learner.transformer.train()
     learner.optimizer.zero_grad(set_to_none=True)
     samples, steps = len(PROMPTS) * group, batch.trajectory.num_steps
     for step in range(steps):

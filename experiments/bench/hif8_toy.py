@@ -1,6 +1,6 @@
 """Toy-world Mix-GRPO with and without HiF8 fake quantization: does an 8-bit run learn as much?
 
-Runs the quickstart twice from the same base and seeds, once as is and once with ``learner.quantization=hif8``
+Runs the quickstart twice from the same base and seeds, once as is and once with ``policy.quantization=hif8``
 (the ten linears of every block and Q/K/V quantized in rollouts and updates alike), then prints each run's reward
 gain (mean of the last quarter of iterations over the first quarter) and the ratio of the gains, and plots both
 reward curves. Goal of issue 06: the HiF8 run reaches at least 90% of the full-precision run's gain.
@@ -35,7 +35,7 @@ def main() -> None:
     out = Path(args.out)
     rows = {}
     for name, quant in (("full_precision", "none"), ("hif8", "hif8")):
-        cfg = load_config(quickstart_path(), [*args.overrides, f"learner.quantization={quant}", f"name={name}"])
+        cfg = load_config(quickstart_path(), [*args.overrides, f"policy.quantization={quant}", f"name={name}"])
         run_dir = out / name
         train(cfg, run_dir=run_dir)
         rows[name] = quarter_gain(run_dir)

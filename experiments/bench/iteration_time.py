@@ -22,7 +22,7 @@ import time
 
 import torch
 from mixgrpo.config import load_config
-from mixgrpo.learner import Learner, UpdateBatch
+from mixgrpo.learner import Learner, UpdateBatch, plan_update
 from mixgrpo.rollout import LocalRolloutEngine, RolloutRequest, group_seed, text_states
 from mixgrpo.window import build_window_scheduler
 from policies.base import Policy
@@ -73,15 +73,16 @@ def time_variant(name, spec, policy, args, device) -> dict:
             rollout = engine.rollout(request)
             cond, neg = text_states(policy, request.sample_prompts, device)
             batch = UpdateBatch(trajectory=rollout.trajectory, advantages_B=torch.randn(args.group, device=device),
-                                text_states_BLD=cond, negative_text_states_BLD=neg if args.cfg != 1.0 else None,
-                                train_mask_BS=window.train_mask(args.group).to(device))
+                                text_states_BLD=cond, negative_text_states_BLD=neg if args.cfg != 1.0 else None)
+            plan = plan_update(window.train_mask(args.group), optimizer_steps=1, micro_batch_size=args.micro_batch,
+                               generator=torch.Generator().manual_seed(it))
             if args.profile and it == args.warmup and start == starts[0]:
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                    learner.update(batch, generator=torch.Generator().manual_seed(it))
+                    learner.update(batch, plan)
                 print(f"[{name}] one learner update, top CUDA kernels:")
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
             else:
-                learner.update(batch, generator=torch.Generator().manual_seed(it))
+                learner.update(batch, plan)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if it >= args.warmup:

@@ -4,7 +4,7 @@ Same policy, prompts, seeds and sampler settings for every row; only ``rollout.n
 is ``policy.kind=synthetic``: OSP-Next at Wan2.1-1.3B shapes with seeded random bf16 weights, which every worker
 builds from the config (no checkpoint, nothing pickled by the driver), with stand-in text encoder and decoder
 (their cost is not what is compared). Each rollout is one iteration's prompt groups spread over the workers, as
-the trainer does; the time includes moving trajectories and videos back to the driver.
+the trainer does; the time includes moving the videos back to the driver (trajectories stay on the workers).
 
     python experiments/bench/rollout_throughput.py --workers 1,2,4          # GPU host, 1 GPU per worker
     python experiments/bench/rollout_throughput.py --device cpu --tiny      # smoke test (CPU, tiny preset)
@@ -22,7 +22,7 @@ import time
 import torch
 
 from mixgrpo.config import load_config
-from mixgrpo.ray_rollout import RayRolloutEngine, ensure_ray
+from mixgrpo.ray_workers import RayWorkers, ensure_ray
 from mixgrpo.rollout import RolloutRequest, group_seed
 from mixgrpo.window import build_window_scheduler
 
@@ -41,8 +41,7 @@ def overrides(args, workers: int) -> list[str]:
 
 
 def request(cfg, iteration: int) -> RolloutRequest:
-    window = build_window_scheduler(kind="frozen", start=cfg.window.start, size=cfg.window.size,
-                                    num_steps=cfg.sampler.num_steps - 1)
+    window = build_window_scheduler(cfg.window, num_steps=cfg.sampler.num_steps - 1)
     groups = cfg.rollout.prompts_per_iteration
     return RolloutRequest(iteration=iteration, prompts=[f"prompt {g}" for g in range(groups)],
                           group_seeds=[group_seed(0, iteration, g) for g in range(groups)],
@@ -52,7 +51,7 @@ def request(cfg, iteration: int) -> RolloutRequest:
 def time_workers(args, workers: int) -> dict:
     cfg = load_config(None, overrides(args, workers))
     tick = time.perf_counter()
-    engine = RayRolloutEngine(cfg, None, device=torch.device(args.device))
+    engine = RayWorkers(cfg)
     startup = time.perf_counter() - tick
     try:
         seconds = []

@@ -18,7 +18,8 @@ import torch
 
 from mixgrpo.checkpoint import list_checkpoints, verify_checkpoint
 from mixgrpo.config import ExperimentConfig, load_config
-from mixgrpo.trainer import generate, load_policy
+from mixgrpo.policy_factory import build_policy
+from mixgrpo.rollout import generate
 from policies.toy.world import COLOURS, eval_prompts, parse_caption, train_prompts
 from rewards.toy_fidelity import ToyFidelityReward, foreground_alpha
 
@@ -69,7 +70,7 @@ def main() -> None:
     checkpoint = last_intact_checkpoint(args.run_dir)
     prompts = train_prompts() * args.repeats + eval_prompts() * args.repeats
     for label, ckpt in (("base", None), (f"after {checkpoint.name}", checkpoint)):
-        policy = load_policy(cfg, checkpoint=ckpt, device=torch.device("cpu"))
+        policy = build_policy(cfg, device="cpu", checkpoint=ckpt)
         scores = score_samples(policy, cfg, prompts, seed=args.seed)
         means = "  ".join(f"{k} {float(scores[k].mean()):.3f}" for k in ("total", "colour", "shape", "direction"))
         print(f"{label}: {means}")

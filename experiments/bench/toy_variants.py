@@ -87,7 +87,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base_cfg = load_config(quickstart_path(), common)
         base_trainer = Trainer(base_cfg, run_dir=Path(tmp) / "base")
-        rows.append({"variant": "base (no RL)", **evaluate(base_trainer.policy, base_cfg)})
+        rows.append({"variant": "base (no RL)", **evaluate(base_trainer.workers.worker.policy, base_cfg)})
         for name in names:
             cfg = load_config(quickstart_path(), [*common, *variant_overrides(name, base_cfg)])
             trainer = Trainer(cfg, run_dir=Path(tmp) / name)
@@ -98,7 +98,7 @@ def main() -> None:
             first, last = quarter_means(trainer.run_dir)
             rows.append({"variant": name, "s_per_iter": seconds, "nfe": float(metrics["nfe"].mean()),
                          "trained": int(trainer.window.train_mask(1).sum()), "train_first": first, "train_last": last,
-                         **evaluate(trainer.policy, cfg)})
+                         **evaluate(trainer.workers.worker.policy, cfg)})
             print(f"{name}: done, {seconds:.2f} s/iteration", flush=True)
     lines = [f"toy world, {args.iterations} iterations per variant, {torch.get_num_threads()} CPU threads",
              "",

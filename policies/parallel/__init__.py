@@ -7,6 +7,7 @@ from policies.parallel.apply import (
     sum_gradients,
 )
 from policies.parallel.comm import comm_scope, record_comm
+from policies.parallel.degrees import check_degrees, sp_degrees
 from policies.parallel.groups import SequenceParallelGroups, SequenceParallelSizes, build_groups
 
 __all__ = [
@@ -15,6 +16,8 @@ __all__ = [
     "SequenceParallelSizes",
     "apply_sequence_parallel",
     "build_groups",
+    "check_degrees",
+    "sp_degrees",
     "remove_sequence_parallel",
     "comm_scope",
     "record_comm",

@@ -11,6 +11,7 @@ from policies.quant.apply import (
     hif8_scaling_state_dict,
     load_hif8_scaling_state_dict,
     remove_hif8,
+    share_amax,
 )
 from policies.quant.fake_quant import HiF8QKVHook, hif8_fake_quant, hif8_linear, quantize_dequantize
 from policies.quant.hif8 import hif8_decode, hif8_encode, hif8_round
@@ -34,5 +35,6 @@ __all__ = [
     "load_hif8_scaling_state_dict",
     "quantize_dequantize",
     "remove_hif8",
+    "share_amax",
     "tensor_amax",
 ]

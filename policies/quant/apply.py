@@ -34,6 +34,7 @@ __all__ = [
     "HiF8Summary",
     "apply_hif8",
     "remove_hif8",
+    "share_amax",
     "hif8_scaling_state_dict",
     "load_hif8_scaling_state_dict",
 ]
@@ -240,6 +241,21 @@ def _named_quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
             for role, quantizer in module.qkv_hook.quantizers().items():
                 found[f"{canonical}.{role}"] = quantizer
     return found
+
+
+def share_amax(model: nn.Module, group: Any) -> int:
+    """Let every activation, Q/K/V and gradient quantizer of ``model`` use the amax of the whole tensor whose shards
+    the ranks of ``group`` (the sequence-parallel group) hold; returns how many quantizers now share.
+
+    Weights are left alone: every rank quantizes the same full weight (replicated, or gathered by FSDP) already.
+    Call it after ``apply_hif8`` and ``apply_sequence_parallel``, on every rank of ``group``.
+    """
+    shared = 0
+    for key, quantizer in _named_quantizers(model).items():
+        if not key.endswith(".weight"):
+            quantizer.amax_group = group
+            shared += 1
+    return shared
 
 
 def hif8_scaling_state_dict(model: nn.Module) -> dict[str, dict[str, Any]]:

@@ -10,14 +10,18 @@ precision):
 
 Tensors saved for backward are the quantized ones (same dtype as the originals), so HiF8 costs one
 extra weight-sized buffer per linear between forward and backward, not an extra activation.
-Per-tensor amax is local to the calling process: under sequence parallelism each rank scales its own
-shard, as a native HiF8 kernel would.
+Per-tensor amax is local to the calling process unless a quantizer is given an ``amax_group``
+(``share_amax``): under sequence parallelism each rank then scales its shard with the whole tensor's amax
+(an all-reduce MAX), so forward values equal the single-device run's. Gradients of tensors that every rank
+computes in full (cross-attention K/V of the text) arrive as per-rank partial sums; quantizing a partial sum
+cannot equal quantizing the sum, so those few backward values stay close to, not equal to, one device's.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -125,10 +129,19 @@ class TensorQuantizer:
     scaler: Scaler
     saturate: bool = False
     backend: str = "auto"
+    amax_group: Any = None
+    """A torch.distributed group whose ranks hold shards of the same tensor: their amax is all-reduced (MAX)."""
+
+    def _reduce(self, amax: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        amax = amax.clone()
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=self.amax_group)
+        return amax
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Quantize-dequantize without autograd (callers own the gradient rule)."""
-        amax = self.scaler.amax_for(x)
+        amax = self.scaler.amax_for(x, None if self.amax_group is None else self._reduce)
         return quantize_dequantize(
             x.detach(), amax, target_max=self.scaler.target_max, saturate=self.saturate, backend=self.backend
         )

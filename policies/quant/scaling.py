@@ -6,7 +6,9 @@ band, 1.875 * 2^3) and to 224 for gradients (the top of the 2-bit band, 1.75 * 2
 fp32 division of fp32 tensors; the Triton kernel repeats exactly these fp32 ops so both paths agree
 bit for bit.
 
-Both scalers expose ``amax_for(x)``: the amax the scale is computed from. Current scaling returns x's
+Both scalers expose ``amax_for(x, reduce=None)``: the amax the scale is computed from. ``reduce`` maps this
+call's amax to the amax of the whole tensor when ``x`` is one rank's shard of it (an all-reduce MAX over the
+sequence-parallel group): the scale, and so every quantized value, then equals the single-device run's. Current scaling returns x's
 own amax. Delayed scaling returns the largest amax of the previous ``history_len`` calls (x's own amax
 on the first call), then records x's amax. Delayed scaling is stateful: rollouts and the learner's
 recomputation see different scales, so rollout/learner log-prob parity (ratio == 1) needs current
@@ -15,7 +17,7 @@ scaling; delayed is for plain fine-tuning. A recomputed forward (activation chec
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -50,10 +52,13 @@ def amax_to_scale(amax: torch.Tensor, target_max: float) -> torch.Tensor:
     return torch.full_like(amax, target_max).div(amax)
 
 
+AmaxReduce = Callable[[torch.Tensor], torch.Tensor]
+
+
 class Scaler(Protocol):
     target_max: float
 
-    def amax_for(self, x: torch.Tensor) -> torch.Tensor: ...
+    def amax_for(self, x: torch.Tensor, reduce: AmaxReduce | None = None) -> torch.Tensor: ...
 
 
 def _check_target_max(target_max: float) -> None:
@@ -68,8 +73,9 @@ class CurrentScaler:
         _check_target_max(target_max)
         self.target_max = float(target_max)
 
-    def amax_for(self, x: torch.Tensor) -> torch.Tensor:
-        return tensor_amax(x)
+    def amax_for(self, x: torch.Tensor, reduce: AmaxReduce | None = None) -> torch.Tensor:
+        amax = tensor_amax(x)
+        return amax if reduce is None else reduce(amax)
 
     def __repr__(self) -> str:
         return f"CurrentScaler(target_max={self.target_max})"
@@ -91,8 +97,10 @@ class DelayedScaler:
         self.amax_history = torch.zeros(history_len, dtype=torch.float32)
         self.num_observed = 0
 
-    def amax_for(self, x: torch.Tensor) -> torch.Tensor:
+    def amax_for(self, x: torch.Tensor, reduce: AmaxReduce | None = None) -> torch.Tensor:
         current = tensor_amax(x)
+        if reduce is not None:
+            current = reduce(current)
         if self.amax_history.device != current.device:
             self.amax_history = self.amax_history.to(current.device)
         used = current if self.num_observed == 0 else self.amax_history.max()

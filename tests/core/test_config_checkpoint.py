@@ -114,7 +114,7 @@ def test_osp_next_recipe_numbers():
 def test_hif8_experiment_quantizes_rollout_and_learner_by_default():
     path = Path(quickstart_path()).parent / "osp_next_14b_hif8_videoalign.yaml"
     cfg = load_config(path, ["policy.model_dir=x", "prompts.source=toy"])
-    assert cfg.learner.quantization == "hif8" and cfg.learner.mixed_precision == "bf16"
+    assert cfg.policy.quantization == "hif8" and cfg.learner.mixed_precision == "bf16"
 
 
 def test_resume_refuses_a_changed_config_but_allows_more_iterations(tmp_path):

@@ -33,9 +33,9 @@ def tiny_config(*extra):
 def test_tiny_run_changes_every_trainable_parameter_with_first_ratio_one(tmp_path):
     cfg = tiny_config("train.iterations=2", "learner.lr=1e-3")
     trainer = Trainer(cfg, run_dir=tmp_path / "run")
-    before = {k: v.clone() for k, v in trainer.learner.trainable_state().items()}
+    before = {k: v.clone() for k, v in trainer.workers.worker.learner.trainable_state().items()}
     trainer.run()
-    after = trainer.learner.trainable_state()
+    after = trainer.workers.worker.learner.trainable_state()
     unchanged = [k for k in before if torch.equal(before[k], after[k])]
     assert not unchanged, f"parameters that never changed: {unchanged[:5]}"
     run = load_run(tmp_path / "run")

@@ -1,5 +1,5 @@
 """The update sees each sample with its own prompt: the learner's recompute of a rollout step, through the
-trainer's own update batch, equals the rollout's log-prob for every sample, and moves when the prompts are
+worker's own update batch, equals the rollout's log-prob for every sample, and moves when the prompts are
 permuted across groups (so the check can fail)."""
 
 import torch
@@ -18,18 +18,20 @@ def test_recomputed_log_prob_matches_each_sample_with_its_own_prompt_only(tmp_pa
     trainer = Trainer(load_config(quickstart_path(), SMALL), run_dir=tmp_path / "run")
     request = trainer.request(0)
     assert len(set(request.prompts)) == 3, "the check needs distinct prompts per group"
-    rollouts = trainer.engine.rollout(request)
+    worker = trainer.workers.worker
+    worker.rollout(request)
     num = len(request.sample_prompts)
-    batch = trainer.update_batch(rollouts, torch.linspace(-1.0, 1.0, num), torch.ones(num, dtype=torch.bool))
+    batch = worker.batch
+    batch.advantages_B = torch.linspace(-1.0, 1.0, num)
     # The other groups' prompts, sample by sample: rolling by one group moves every sample to another prompt.
     rolled = batch.text_states_BLD.roll(request.group_size, dims=0)
     permuted = type(batch)(**{**vars(batch), "text_states_BLD": rolled})
-    trainer.learner.transformer.train()  # the update's mode
+    worker.learner.transformer.train()  # the update's mode
     rows = torch.arange(num)
     with torch.no_grad():
         for step in range(batch.trajectory.num_steps):
             stored_B = batch.trajectory.log_prob[:, step]
-            own_B = trainer.learner._step_terms(batch, step, rows)[0]
-            other_B = trainer.learner._step_terms(permuted, step, rows)[0]
+            own_B = worker.learner._step_terms(batch, step, rows)[0]
+            other_B = worker.learner._step_terms(permuted, step, rows)[0]
             torch.testing.assert_close(own_B, stored_B, rtol=0.0, atol=1e-6)
             assert ((other_B - stored_B).abs() > 1e-5).all(), f"step {step}: the prompt does not reach the update"

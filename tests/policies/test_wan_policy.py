@@ -90,7 +90,7 @@ def test_transformer_from_a_bare_weight_file(wan_folder, tmp_path):
 
 
 def test_config_errors_name_the_field_and_the_fix(wan_folder, tmp_path):
-    with pytest.raises(ValueError, match=r"model_dir.*missing text_encoder_path, vae_path"):
+    with pytest.raises(ValueError, match=r"model_dir.*missing WanPolicyConfig.text_encoder_path, WanPolicyConfig.vae_path"):
         WanPolicyConfig(transformer_path="x", **VIDEO)
     with pytest.raises(ValueError, match=r"WanPolicyConfig\.num_frames must be 4n\+1.*use 77 or 81"):
         WanPolicyConfig(model_dir="x", num_frames=80, height=720, width=1280)

@@ -1,9 +1,10 @@
-"""Pure helpers of the Ray engine: how shares, sequence-parallel degrees, weight chunks and preflight are decided."""
+"""Pure helpers of the Ray workers: how shares, sequence-parallel degrees and preflight are decided."""
 
 import pytest
 import torch
 
-from mixgrpo.ray_rollout import chunk_tensors, contiguous_shares, gpus_without, missing_resources, sp_degrees
+from mixgrpo.ray_workers import contiguous_shares, missing_resources, sample_shares
+from policies.parallel import check_degrees, sp_degrees
 
 
 def test_shares_cover_every_group_once_in_order():
@@ -27,14 +28,20 @@ def test_sp_degrees_reject_zero():
         sp_degrees(0, 2)
 
 
-def test_chunks_respect_the_size_and_keep_every_tensor_in_order():
-    tensors = {f"t{i}": torch.zeros(n) for i, n in enumerate([10, 30, 5, 100, 1, 1])}  # float32: 4 bytes each
-    chunks = chunk_tensors(tensors, max_bytes=160)
-    assert [k for c in chunks for k in c] == list(tensors)
-    for chunk in chunks:
-        size = sum(t.numel() * 4 for t in chunk.values())
-        assert size <= 160 or len(chunk) == 1  # a tensor larger than a chunk travels alone
-    assert [list(c) for c in chunks] == [["t0", "t1"], ["t2"], ["t3"], ["t4", "t5"]]
+def test_sample_shares_follow_the_prompt_shares():
+    assert sample_shares(contiguous_shares(5, 2), 4) == [(0, 12), (12, 8)]
+    assert sample_shares(contiguous_shares(2, 2), 3) == [(0, 3), (3, 3)]
+
+
+def test_degrees_that_do_not_fit_the_model_name_the_field_and_what_fits():
+    assert check_degrees(1, num_heads=None, sparse_ratio=None) is None  # no sequence parallelism: nothing to check
+    sizes = check_degrees(8, num_heads=40, sparse_ratio=2)
+    assert (sizes.ssp_size, sizes.ulysses_size) == (4, 2)
+    with pytest.raises(ValueError, match=r"rollout.sp_size=3 does not fit this model \(2 heads, Skiparse k=2\).*"
+                                         r"Sizes that fit: \[1, 2, 4, 8\]"):
+        check_degrees(3, num_heads=2, sparse_ratio=2)
+    with pytest.raises(ValueError, match="needs an OSP-Next transformer"):
+        check_degrees(2, num_heads=None, sparse_ratio=None)
 
 
 def test_missing_resources_name_cpus_gpus_and_the_node_an_sp_group_needs():
@@ -52,11 +59,3 @@ def test_missing_resources_name_cpus_gpus_and_the_node_an_sp_group_needs():
     cpus = {"CPU": 4.0}
     assert missing_resources(num_workers=5, sp_size=1, use_gpu=False, available=cpus, total=cpus, per_node=[cpus]) \
         == ["5 CPUs for 5 worker groups x sp_size 1 (4 free of 4 in the cluster)"]
-
-
-def test_a_local_ray_instance_never_sees_the_learners_gpu():
-    assert gpus_without(None, 4, 0) == "1,2,3"
-    assert gpus_without("4,5,6,7", 4, 2) == "4,5,7"  # the index is among the visible devices
-    assert gpus_without("3", 1, 0) == ""
-    with pytest.raises(ValueError, match="train.device index 2 is not among the 2 visible GPUs"):
-        gpus_without("0,1", 2, 2)

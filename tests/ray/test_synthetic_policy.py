@@ -14,7 +14,7 @@ TINY = ["policy.kind=synthetic", "policy.preset=tiny", "policy.num_frames=5", "p
 
 
 def test_two_builds_have_equal_weights_and_wan_latent_shapes():
-    a, b = (build_policy(load_config(None, TINY).policy) for _ in range(2))
+    a, b = (build_policy(load_config(None, TINY)) for _ in range(2))
     for (name, x), (_, y) in zip(a.transformer.state_dict().items(), b.transformer.state_dict().items()):
         assert torch.equal(x, y), name
     assert a.latent_shape() == (4, 2, 8, 8)  # tiny preset: 4 channels; 5 frames -> 2, 64 px -> 8 (Wan 4x / 8x)
@@ -32,4 +32,4 @@ def test_text_states_come_from_a_stable_hash_of_the_prompt():
 
 def test_a_video_size_the_latents_cannot_hold_names_the_field_and_the_fix():
     with pytest.raises(ValueError, match=r"policy.num_frames must be 4n\+1.*use 5 or 9"):
-        build_policy(load_config(None, [*TINY, "policy.num_frames=6"]).policy)
+        build_policy(load_config(None, [*TINY, "policy.num_frames=6"]))

@@ -15,7 +15,9 @@ def test_text_encoder_is_deterministic_and_distinguishes_prompts():
     a = enc(prompts)
     assert a.shape == (3, 6, 16) and a.dtype == torch.float32
     assert torch.equal(a, enc(prompts))
-    assert torch.equal(enc(["A RED circle moving left"]), a[:1])
+    # Case-insensitive; a batch of one may differ from a row of a batch of three in the last float32 bit (the matmul
+    # kernel depends on the batch size on some CPUs), so equality is to rounding.
+    torch.testing.assert_close(enc(["A RED circle moving left"]), a[:1], rtol=0, atol=1e-6)
     assert not torch.allclose(a[0], a[1]) and not torch.allclose(a[0], a[2])
     # The empty prompt is all pad tokens: a real, finite state for CFG's negative branch.
     assert enc.token_ids([""]).eq(0).all() and a[2].isfinite().all()
