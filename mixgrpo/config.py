@@ -222,6 +222,12 @@ class RolloutConfig:
     """Videos sampled together in one batched forward."""
     timeout_s: float = 1800.0
     """ray: a worker group that makes no progress for this long is treated as dead (torn down and restarted)."""
+    recovery: Literal["auto", "snapshot", "stop"] = "auto"
+    """ray, after a rank dies or hangs: ``snapshot`` restarts every group from a copy of the learner state taken at the
+    start of each iteration (kept in Ray's object store; costs one device-to-host copy of the trainable state per
+    iteration) and redoes the iteration; ``stop`` ends the run with an error (resume it with --resume from the last
+    checkpoint); ``auto``: ``snapshot`` unless learner.sharding=fsdp, whose full optimizer state is too large to copy
+    every iteration."""
 
     def __post_init__(self) -> None:
         _require(self.group_size >= 2, f"rollout.group_size must be >= 2 for group-relative advantages, got {self.group_size}")

@@ -16,7 +16,9 @@ Faults: a rank that dies (or makes no progress for ``rollout.timeout_s``, e.g. a
 collective world. The driver then tears every group down, starts them again, restores each rank's state as it
 was when the interrupted iteration began (a snapshot taken then, kept in the object store and owned by the
 driver, so it outlives the actors), and redoes the iteration with its original seeds: the iteration completes
-once, as if nothing happened, and ``on_event("worker_restarted", ...)`` records it.
+once, as if nothing happened, and ``on_event("worker_restarted", ...)`` records it. With
+``rollout.recovery=stop`` (the default for FSDP, whose optimizer state is too large to copy every iteration) the
+run ends instead, with an event and an error that says to resume from the last checkpoint.
 
 Security: a local instance started here has no dashboard, binds to 127.0.0.1, and Ray >= 2.52 enables token
 authentication for it; nothing here turns that off. Only this library's own requests, tensors and results are
@@ -148,6 +150,20 @@ def is_collective_failure(error: BaseException) -> bool:
 
 # ---- one rank, as a Ray actor ----
 
+KEEP_VISIBLE_DEVICES = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
+"""Ray would hide every GPU but its own from each actor; NCCL then cannot reach the peers' GPUs directly (no
+NVLink/P2P between the ranks of a node, only copies through host memory). With this set, actors see the node's
+GPUs and pick the one Ray assigned them (:func:`assigned_gpu_index`), as torchrun's ranks do."""
+
+
+def assigned_gpu_index() -> int:
+    """The CUDA index, among the GPUs this process sees, of the GPU Ray assigned to this actor."""
+    import ray
+
+    gpu = str(ray.get_gpu_ids()[0])
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+    return visible.index(gpu) if visible else int(gpu)
+
 class WorkerActor:
     """A :class:`PolicyWorker` inside a Ray actor. Group leaders (rank 0 of each group) return results."""
 
@@ -156,9 +172,10 @@ class WorkerActor:
         self.layout = layout
         if self.cfg.train.threads > 0:
             torch.set_num_threads(self.cfg.train.threads)
-        # Ray restricts CUDA_VISIBLE_DEVICES to this actor's GPU, so "cuda" is the right one.
         use_gpu = self.cfg.train.device != "cpu" and torch.cuda.is_available()
-        self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+        self.device = torch.device("cuda", assigned_gpu_index()) if use_gpu else torch.device("cpu")
+        if use_gpu:
+            torch.cuda.set_device(self.device)
         self.worker: PolicyWorker | None = None
 
     def master_address(self) -> tuple[str, int]:
@@ -235,14 +252,21 @@ class RayWorkers:
         self.sharded = cfg.learner.sharding == "fsdp"
         self.max_restarts = max_restarts
         self.timeout_s = cfg.rollout.timeout_s
+        self.recovery = cfg.rollout.recovery
+        if self.recovery == "auto":
+            self.recovery = "stop" if self.sharded else "snapshot"
         self.on_event = on_event or (lambda kind, **fields: None)
         self.how = ensure_ray()
         self.use_gpu = cfg.train.device != "cpu" and (cfg.train.device != "auto" or _cluster_has_gpus())
         preflight(num_workers=self.num_groups, sp_size=self.sp_size, use_gpu=self.use_gpu)
-        self._actor_cls = ray.remote(num_cpus=1, num_gpus=1 if self.use_gpu else 0, max_restarts=0)(WorkerActor)
+        options = {"runtime_env": {"env_vars": KEEP_VISIBLE_DEVICES}} if self.use_gpu else {}
+        self._actor_cls = ray.remote(num_cpus=1, num_gpus=1 if self.use_gpu else 0, max_restarts=0,
+                                     **options)(WorkerActor)
         self._cfg_dict = cfg.to_dict()
         self.groups: list[_Group] = []
         self.shares: list[tuple[int, int]] = []
+        self.timings: dict[str, float] = {}
+        """Seconds spent outside the iteration's phases, for the metrics row (the fault snapshot)."""
         self._start()
         self.on_event("workers_started", ray=self.how, num_workers=self.num_groups, sp_size=self.sp_size,
                       world_size=self.world_size, gpu=self.use_gpu, sharding=cfg.learner.sharding)
@@ -355,11 +379,17 @@ class RayWorkers:
 
     def attempt(self, step: Callable[[], Any], iteration: int) -> Any:
         """Run one iteration; after a rank fault, restart the world from the iteration's starting state and redo it."""
-        snapshot = self._snapshot()
+        tick = time.perf_counter()
+        snapshot = self._snapshot() if self.recovery == "snapshot" else None
+        self.timings = {"time/snapshot": time.perf_counter() - tick}
         for attempt in range(self.max_restarts + 1):
             try:
                 return step()
             except WorkerFault as fault:
+                if snapshot is None:
+                    self.on_event("worker_failed", iteration=iteration, error=str(fault))
+                    raise RuntimeError(f"iteration {iteration}: {fault}. rollout.recovery=stop: resume the run with "
+                                       "--resume (from its last checkpoint), or set rollout.recovery=snapshot") from fault
                 if attempt == self.max_restarts:
                     raise RuntimeError(f"iteration {iteration} failed {attempt + 1} times; last: {fault}") from fault
                 self.on_event("worker_restarted", iteration=iteration, attempt=attempt + 1, error=str(fault))

@@ -118,22 +118,25 @@ class Trainer:
         cfg = self.cfg
         bar = tqdm(range(self.start_iteration, cfg.train.iterations), desc="mix-grpo", unit="it",
                    initial=self.start_iteration, total=cfg.train.iterations)
-        if self.start_iteration == 0:
-            self.write_videos("start")
-        for iteration in bar:
-            tick = time.perf_counter()
-            metrics, samples = self.workers.attempt(lambda: self.step(iteration), iteration)
-            metrics["time/total"] = time.perf_counter() - tick
-            self.log.log_metrics(metrics)
-            self.log.log_samples(samples)
-            self.window.advance()
-            if (iteration + 1) % cfg.train.checkpoint_every == 0 or iteration + 1 == cfg.train.iterations:
-                self.checkpoint(iteration + 1)
-            if cfg.train.video_every and (iteration + 1) % cfg.train.video_every == 0:
-                self.write_videos(f"iter{iteration + 1:06d}")
-            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", ratio0=f"{metrics['ratio/first_step']:.4f}")
-        self.write_videos("end")
-        self.finish()
+        try:
+            if self.start_iteration == 0:
+                self.write_videos("start")
+            for iteration in bar:
+                tick = time.perf_counter()
+                metrics, samples = self.workers.attempt(lambda: self.step(iteration), iteration)
+                metrics.update(self.workers.timings, **{"time/total": time.perf_counter() - tick})
+                self.log.log_metrics(metrics)
+                self.log.log_samples(samples)
+                self.window.advance()
+                if (iteration + 1) % cfg.train.checkpoint_every == 0 or iteration + 1 == cfg.train.iterations:
+                    self.checkpoint(iteration + 1)
+                if cfg.train.video_every and (iteration + 1) % cfg.train.video_every == 0:
+                    self.write_videos(f"iter{iteration + 1:06d}")
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", ratio0=f"{metrics['ratio/first_step']:.4f}")
+            self.write_videos("end")
+            self.plot()
+        finally:  # also on errors and Ctrl-C: free the workers' GPUs and close the run directory
+            self.close()
         return self.run_dir
 
     def step(self, iteration: int) -> tuple[dict[str, float], list[dict]]:
@@ -269,11 +272,13 @@ class Trainer:
         media.contact_sheet(list(videos), list(self.eval_prompts), self.run_dir / "videos" / f"{tag}_sheet.png")
         return paths
 
-    def finish(self) -> None:
+    def plot(self) -> None:
         from mixgrpo.plots import plot_reward_curves
         from mixgrpo.analysis import load_run
 
         plot_reward_curves([load_run(self.run_dir)], self.run_dir / "reward_curve.png")
+
+    def close(self) -> None:
         self.workers.shutdown()
         self.log.close()
 

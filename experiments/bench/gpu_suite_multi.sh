@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The multi-GPU benchmark batch on one host (NCCL, NVLink multicast off), logs and JSON to $OUT (default runs/bench).
 #   bash experiments/bench/gpu_suite_multi.sh 4 sp rollout dit40    # GPU count, then any subset of the parts
+#   bash experiments/bench/gpu_suite_multi.sh 4 learner-smoke scaling13b   # the colocated learner (issue 09)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 n=$1; shift
@@ -22,6 +23,17 @@ for part in "$@"; do
     rollout)
       workers=1; w=2; while [ "$w" -le "$n" ]; do workers="$workers,$w"; w=$((w * 2)); done   # 1,2,4,... up to n
       run rollout_throughput_${n}gpu 200 python experiments/bench/rollout_throughput.py --workers "$workers" --steps 8 --group 2 --prompts 8 ;;
+    learner-smoke)  # tiny models through the colocated learner on all n GPUs: LoRA + HiF8 + KL + EMA, then FSDP + SSP
+      run learner_smoke_lora_${n}gpu 150 python experiments/bench/iteration_scaling.py --tiny --gpus "$n" \
+        --config osp_next_14b_hif8_videoalign --out "$out/learner_smoke_lora.json"
+      run learner_smoke_fsdp_${n}gpu 150 python experiments/bench/iteration_scaling.py --tiny --gpus "$n" --sp "$n" \
+        learner.sharding=fsdp --out "$out/learner_smoke_fsdp.json" ;;
+    scaling13b)  # synthetic 1.3B, 480P, 33 frames, 8 prompts x 4 videos per iteration on 1, n, n/2 GPUs
+      for g in 1 "$n" $((n / 2)); do
+        run scaling13b_${g}gpu $((g == 1 ? 300 : 180)) python experiments/bench/iteration_scaling.py --gpus "$g" \
+          --config osp_next_14b_hif8_videoalign --steps 4 --window 1 --out "$out/scaling13b_${g}gpu.json"
+      done
+      python experiments/bench/iteration_scaling.py --table "$out"/scaling13b_*gpu.json ;;
     dit40)
       run sp_forward40_${n}gpu 240 torchrun --nproc-per-node "$n" experiments/bench/sp_forward.py --layers 40 --full-blocks 8 \
         --modes dense-ulysses hybrid-ssp --warmup 1 --iters 2 --out "$out/sp_forward40_${n}gpu.json" ;;

@@ -101,6 +101,8 @@ def copy_full_(param: torch.Tensor, full: torch.Tensor) -> None:
     local = local_tensor(param)
     if local.shape != full.shape:
         mesh = param.device_mesh
-        full = torch.chunk(full, mesh.size(), dim=0)[mesh.get_local_rank()] if full.shape[0] else full
+        chunks = torch.chunk(full, mesh.size(), dim=0)  # fewer chunks than ranks when dim 0 is short
+        rank = mesh.get_local_rank()
+        full = chunks[rank] if rank < len(chunks) else full[:0]
     if local.numel():
         local.copy_(full.to(local.device, local.dtype))

@@ -127,14 +127,15 @@ class FaultyWorkers(RayWorkers):
         return super().update(advantages_B, plan)
 
 
-@pytest.mark.parametrize("fault", ["kill", "stop"])
+@pytest.mark.parametrize("fault,training", [("kill", "lora"), ("stop", "lora"), ("kill", "fsdp")])
 def test_a_rank_killed_or_stopped_mid_update_is_restarted_and_every_iteration_runs_once(
-        cluster, weights, tmp_path, monkeypatch, fault):
-    undisturbed = train(tmp_path / "undisturbed", weights, *TRAINING["lora"], *LAYOUTS["2x1"])
+        cluster, weights, tmp_path, monkeypatch, fault, training):
+    setting = [*TRAINING[training], *LAYOUTS["2x1"], "rollout.recovery=snapshot"]
+    undisturbed = train(tmp_path / "undisturbed", weights, *setting)
     FaultyWorkers.fault, FaultyWorkers.updates = fault, 0
     monkeypatch.setattr(ray_workers, "RayWorkers", FaultyWorkers)
     tick = time.monotonic()
-    run_dir = train(tmp_path / "run", weights, *TRAINING["lora"], *LAYOUTS["2x1"], "rollout.timeout_s=5")
+    run_dir = train(tmp_path / "run", weights, *setting, "rollout.timeout_s=5")
     assert FaultyWorkers.updates >= 3
     restarts = [e for e in events(run_dir) if e["kind"] == "worker_restarted"]
     assert [(e["iteration"], e["attempt"]) for e in restarts] == [(1, 1)]
@@ -146,6 +147,15 @@ def test_a_rank_killed_or_stopped_mid_update_is_restarted_and_every_iteration_ru
     assert relative_difference(final_weights(undisturbed), final_weights(run_dir)) < 1e-6
     if fault == "stop":
         assert time.monotonic() - tick < 120  # the stopped rank was given up on after rollout.timeout_s, not hung
+
+
+def test_recovery_stop_ends_the_run_with_an_event_and_the_way_to_resume(cluster, weights, tmp_path, monkeypatch):
+    FaultyWorkers.fault, FaultyWorkers.updates = "kill", 0
+    monkeypatch.setattr(ray_workers, "RayWorkers", FaultyWorkers)
+    with pytest.raises(RuntimeError, match=r"iteration 1: a .* rollout.recovery=stop: resume the run with --resume"):
+        train(tmp_path / "run", weights, *TRAINING["fsdp"], *LAYOUTS["2x1"])  # auto = stop under FSDP
+    assert [e["iteration"] for e in events(tmp_path / "run") if e["kind"] == "worker_failed"] == [1]
+    assert list(load_run(tmp_path / "run").metrics["iteration"]) == [0]  # what finished stays; --resume goes on
 
 
 def test_driver_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(cluster, weights, tmp_path):
