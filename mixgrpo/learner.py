@@ -318,25 +318,28 @@ class Learner:
         if self.ema is not None and ema is not None:
             self.ema.shadow = {k: v.to(self.params[k].device).float().clone() for k, v in ema.items()}
 
-    def local_state(self) -> dict[str, torch.Tensor]:
-        """This rank's part of everything an update changes (weights, Adam moments and steps, EMA), as CPU tensors
-        under flat names: a snapshot to restore after a fault (same world layout), or to inspect."""
+    @torch.no_grad()
+    def local_state(self) -> dict:
+        """This rank's part of everything an update changes (weights, Adam moments and steps, EMA), packed into one
+        CPU buffer per dtype (one device-to-host copy each, not one per tensor): a snapshot to restore after a fault,
+        in the same world layout."""
         from policies.parallel.fsdp import local_tensor
 
-        out = {}
+        tensors = {}
         for name, p in self.params.items():
-            out[f"param/{name}"] = local_tensor(p.detach()).cpu().clone()
+            tensors[f"param/{name}"] = local_tensor(p.detach())
             for key, value in self.optimizer.state.get(p, {}).items():
-                out[f"{key}/{name}"] = local_tensor(value.detach()).cpu().clone()
+                tensors[f"{key}/{name}"] = local_tensor(value.detach())
             if self.ema is not None:
-                out[f"ema/{name}"] = local_tensor(self.ema.shadow[name]).cpu().clone()
-        return out
+                tensors[f"ema/{name}"] = local_tensor(self.ema.shadow[name])
+        return pack_tensors(tensors)
 
     @torch.no_grad()
     def load_local_state(self, state: dict[str, torch.Tensor]) -> None:
         """Restore a :meth:`local_state` snapshot taken by the rank at the same place in the same world layout."""
         from policies.parallel.fsdp import local_tensor
 
+        state = unpack_tensors(state)
         if any(key.startswith(("exp_avg/", "step/")) for key in state):
             self._ensure_optimizer_state()
         for name, p in self.params.items():
@@ -361,3 +364,30 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         for group, lr in zip(self.optimizer.param_groups, lrs):
             group["lr"] = lr
+
+
+def pack_tensors(tensors: dict[str, torch.Tensor]) -> dict:
+    """``{"buffers": {dtype name: flat CPU tensor}, "index": [(name, dtype name, shape, offset)]}``: the tensors
+    concatenated per dtype on their device, then copied to the host once per dtype."""
+    groups: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
+    for name, tensor in tensors.items():
+        groups.setdefault(tensor.dtype, []).append((name, tensor))
+    buffers, index = {}, []
+    for dtype, items in groups.items():
+        key, offset = str(dtype).removeprefix("torch."), 0
+        for name, tensor in items:
+            index.append((name, key, tuple(tensor.shape), offset))
+            offset += tensor.numel()
+        devices = {t.device for _, t in items}
+        flat = [t.reshape(-1).to(next(iter(devices))) for _, t in items]  # e.g. Adam's CPU step counts
+        buffers[key] = torch.cat(flat).cpu()
+    return {"buffers": buffers, "index": index}
+
+
+def unpack_tensors(packed: dict) -> dict[str, torch.Tensor]:
+    """The tensors of :func:`pack_tensors` (views into its buffers)."""
+    out = {}
+    for name, key, shape, offset in packed["index"]:
+        numel = math.prod(shape)
+        out[name] = packed["buffers"][key][offset:offset + numel].view(shape)
+    return out

@@ -400,11 +400,10 @@ class RayWorkers:
 
     def _snapshot(self) -> list[Any]:
         """Each rank's state at the start of an iteration, as driver-owned object refs (they outlive the actors).
-        Unsharded ranks hold identical states: rank 0's is kept for all."""
+        Unsharded ranks hold identical states: rank 0's is kept for all. Not waited for: an actor runs its calls in
+        order, so the copy is taken before the iteration's rollout there, and resolved only if it is needed."""
         actors = self.actors if self.sharded else self.actors[:1]
-        refs = [actor.local_state.remote() for actor in actors]
-        self._call(refs, "snapshot")
-        return refs
+        return [actor.local_state.remote() for actor in actors]
 
     def _restore(self, snapshot: list[Any]) -> None:
         refs = [actor.load_local_state.remote(snapshot[rank if self.sharded else 0])

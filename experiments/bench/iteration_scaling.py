@@ -178,7 +178,7 @@ def main() -> None:
     parser.add_argument("--table", nargs="+", default=None, metavar="JSON",
                         help="print the table of rows saved by earlier runs (--out files) and exit")
     parser.add_argument("extra", nargs="*", help="more key=value config overrides")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # key=value overrides may come before, between or after the options
     if args.table:
         print_table([row for path in args.table for row in json.loads(Path(path).read_text())])
         return

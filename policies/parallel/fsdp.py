@@ -39,7 +39,9 @@ def apply_fsdp(model: nn.Module, *, group: dist.ProcessGroup | None = None, para
     group = group or dist.group.WORLD
     device_type = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
     mesh = DeviceMesh.from_group(group, device_type)
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    # No casting of forward inputs: the model casts what its layers need itself, and some inputs must stay float32
+    # (timesteps on the 0..1000 scale, RoPE tables, modulation), as in the unsharded model.
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)

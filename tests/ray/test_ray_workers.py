@@ -120,8 +120,14 @@ class FaultyWorkers(RayWorkers):
             victim = self.actors[1]
             if FaultyWorkers.fault == "kill":
                 ray.kill(victim, no_restart=True)
-                with pytest.raises(ray.exceptions.RayActorError):
-                    ray.get(victim.__ray_ready__.remote(), timeout=60)
+                deadline = time.monotonic() + 60
+                while True:  # the kill is asynchronous: wait until the actor is gone
+                    try:
+                        ray.get(victim.__ray_ready__.remote(), timeout=5)
+                    except ray.exceptions.RayActorError:
+                        break
+                    assert time.monotonic() < deadline, "the killed actor is still answering after 60 s"
+                    time.sleep(0.1)
             else:
                 os.kill(ray.get(victim.__ray_call__.remote(lambda actor: os.getpid())), signal.SIGSTOP)
         return super().update(advantages_B, plan)
