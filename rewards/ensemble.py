@@ -58,9 +58,12 @@ POLL_S = 0.5
 class RewardError(RuntimeError):
     """A reward call failed (raised or timed out) under ``on_error="raise"``; names the reward and the samples."""
 
-    def __init__(self, message: str, *, reward: str, sample_ids: list[Hashable], error: str, timed_out: bool) -> None:
+    def __init__(
+        self, message: str, *, reward: str = "", sample_ids: Sequence[Hashable] = (), error: str = "",
+        timed_out: bool = False,
+    ) -> None:  # defaults: exceptions are rebuilt from their message alone when unpickled
         super().__init__(message)
-        self.reward, self.sample_ids, self.error, self.timed_out = reward, sample_ids, error, timed_out
+        self.reward, self.sample_ids, self.error, self.timed_out = reward, list(sample_ids), error, timed_out
 
     def event(self) -> tuple[str, dict[str, Any]]:
         """The ``("reward_failed", fields)`` event of this failure, as ``ScoreTable.events`` writes it."""
@@ -361,21 +364,25 @@ class _Lane:
     def close(self) -> None:
         """Stop taking calls and cancel the queued ones; a call already running is abandoned, not waited for."""
         self._closed = True
-        self._calls.put(None)
         while True:
             try:
                 call = self._calls.get_nowait()
             except queue.Empty:
-                return
+                break
             if call is not None:
                 call.future.cancel()
+        self._calls.put(None)  # after the drain, so that the lane's thread gets it and ends
 
     def _loop(self) -> None:
         while (call := self._calls.get()) is not None:
             if self._closed:
                 call.future.cancel()
             elif call.future.set_running_or_notify_cancel():
-                call.future.set_result(self._run(call))
+                try:
+                    result = self._run(call)
+                except Exception as exc:  # a bug here must fail this call, not leave its caller waiting forever
+                    result = ChunkResult(call.lo, call.hi, None, f"{type(exc).__name__}: {exc}")
+                call.future.set_result(result)
 
     def _run(self, call: _Call) -> ChunkResult:
         raise NotImplementedError
@@ -430,11 +437,11 @@ class _ActorLane(_Lane):
             return ChunkResult(call.lo, call.hi, None, f"{type(exc).__name__}: {exc}")
 
     def kill(self) -> None:
-        if self.actor is not None:
+        actor, self.actor = self.actor, None  # the lane and close() may both get here
+        if actor is not None:
             import ray
 
-            ray.kill(self.actor)
-            self.actor = None
+            ray.kill(actor)
 
     def close(self) -> None:
         super().close()
