@@ -259,9 +259,9 @@ class AdvantageReport:
             return ""
         parts = []
         if self.dropped:
-            reasons = list(dict.fromkeys(d.reason for d in self.dropped))
-            parts.append(f"{len(self.dropped)} of {self.num_groups} groups dropped ({reasons[0]}"
-                         f"{f' and {len(reasons) - 1} other reasons' if len(reasons) > 1 else ''})")
+            first = self.dropped[0]
+            parts.append(f"{len(self.dropped)} of {self.num_groups} groups dropped (group {first.group!r}: "
+                         f"{first.reason})")
         zero_std = self.num_groups - len(self.dropped)
         if zero_std:
             parts.append(f"{zero_std} of {self.num_groups} groups had no spread (equal scores for every scored member)")

@@ -243,8 +243,8 @@ class ScoreTable:
             if ids:
                 out.append(("reward_nan", {
                     "reward": name, "count": len(ids), "samples": list(ids),
-                    "message": f"reward {name!r} returned None/NaN for {len(ids)} samples {list(ids)}; they keep "
-                               "the other rewards' scores",
+                    "message": f"reward {name!r} returned None/NaN for {len(ids)} sample{'s' if len(ids) > 1 else ''} "
+                               f"{list(ids)}; they keep the other rewards' scores",
                 }))
         return out
 

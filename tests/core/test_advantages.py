@@ -200,8 +200,8 @@ def test_nothing_trainable_is_an_event_with_the_reason():
     assert kinds == ["group_dropped", "no_trainable_group"]
     fields = report.events()[-1][1]
     assert fields["groups"] == 2 and fields["dropped_groups"] == 1 and fields["zero_std_groups"] == 1
-    assert fields["reason"] == ("1 of 2 groups dropped (no reward scored any sample); 1 of 2 groups had no spread "
-                                "(equal scores for every scored member)")
+    assert fields["reason"] == ("1 of 2 groups dropped (group 0: no reward scored any sample); 1 of 2 groups had no "
+                                "spread (equal scores for every scored member)")
     everything_dropped = advantages_from_scores({"a": torch.full((4,), NAN)}, [0, 0, 1, 1], weights={"a": 1.0})
     assert everything_dropped.stats["num_groups"] == 0 and everything_dropped.stats["dropped_groups"] == 2
     assert math.isnan(everything_dropped.stats["advantage/mean"])  # same columns every iteration, no made-up values
@@ -251,8 +251,8 @@ def test_failure_streak_counts_iterations_in_a_row_and_stops_the_run():
     nothing = advantages_from_scores({"a": torch.tensor([NAN, NAN])}, [0, 0], weights={"a": 1.0})
     streak = FailureStreak(2)
     assert [streak.record(r) for r in (nothing, trained, nothing)] == [1, 0, 1]  # a trained iteration resets it
-    with pytest.raises(NothingTrainedError, match=r"2 iterations in a row \(last: 1 of 1 groups dropped \(no reward "
-                                                  r"scored any sample\)\).*train.max_failed_iterations"):
+    with pytest.raises(NothingTrainedError, match=r"2 iterations in a row \(last: 1 of 1 groups dropped \(group 0: "
+                                                  r"no reward scored any sample\)\).*train.max_failed_iterations"):
         streak.record(nothing)
     with pytest.raises(ValueError, match="max_failed_iterations"):
         FailureStreak(0)

@@ -81,7 +81,7 @@ def test_events_of_a_reward_returning_none_keep_the_group(release):
     table, report = score_and_advantages([{"name": "boom"}, {"name": "maybe"}], ["ok", "skip", "okay", "ok!"])
     assert table.events() + report.events() == [
         ("reward_nan", {"reward": "maybe", "count": 1, "samples": ["s1"],
-                        "message": "reward 'maybe' returned None/NaN for 1 samples ['s1']; they keep the other "
+                        "message": "reward 'maybe' returned None/NaN for 1 sample ['s1']; they keep the other "
                                    "rewards' scores"}),
     ]
     assert report.keep.all() and report.dropped == []  # the old rule dropped group 0 whole, silently
@@ -104,9 +104,9 @@ def test_events_of_every_reward_failing(release):
         ("group_dropped", {"group": 1, "reason": reasons[1], "samples": 2,
                            "message": f"group 1 (2 samples) dropped: {reasons[1]}"}),
         ("no_trainable_group", {"groups": 2, "dropped_groups": 2, "zero_std_groups": 0,
-                                "reason": f"2 of 2 groups dropped ({reasons[0]} and 1 other reasons)",
+                                "reason": f"2 of 2 groups dropped (group 0: {reasons[0]})",
                                 "message": f"no group could be trained in this iteration: 2 of 2 groups dropped "
-                                           f"({reasons[0]} and 1 other reasons)"}),
+                                           f"(group 0: {reasons[0]})"}),
     ]
     assert not report.trainable
 
