@@ -17,16 +17,36 @@ get ``keep=False`` and it is counted (``zero_std_fraction``, ``num_filtered``), 
 such samples. We detect such groups as max == min rather than ``advantage == 0``, because a group mean of identical fp32
 values is not always bit-equal to them.
 
-NaN scores mean "this reward does not apply to this sample" (the reward set never fills in a default): the sample
-is left out of that reward's statistics and gets no advantage from it. ``valid_B`` removes samples entirely (e.g.
-groups the reward set dropped after a failure): advantage 0, excluded from every statistic.
+Missing scores follow TRL's rule for a reward that returns None: NaN means "this reward did not score this sample"
+(the reward set never fills in a default), and the sample keeps the other rewards' contribution.
+
+- ``aggregation="advantage"``: a reward's group statistics use its finite members only, and a sample it did not
+  score gets 0 from it (a nansum over rewards). A reward with fewer than two distinct finite scores in a group
+  (e.g. it scored one member only, where the std is undefined) says nothing about that group and gives all its
+  members 0, exactly like a reward that is constant over the group.
+- ``aggregation="reward"``: the combined score is the weighted sum over the rewards that scored the sample
+  (``rewards.ensemble.weighted_nansum``, not re-weighted); a sample no reward scored is left out of its group's
+  statistics and gets advantage 0 and ``keep=False``.
+
+``valid_B`` removes samples entirely: advantage 0, excluded from every statistic.
+
+``advantages_from_scores`` is the trainer's entry point: it decides which groups are dropped, and why, before
+computing the advantages of the others. A group is dropped only when no reward scored any of its members, or when
+a reward call failed for a member under ``on_error=drop`` (the scoring service reports those groups: a failure is
+not "does not apply", so the group's statistics would be built on a batch that is missing a member). Its
+``AdvantageReport.events()`` are the run-log events of this step, and ``FailureStreak`` stops a run that trains
+nothing for several iterations in a row.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Mapping, NamedTuple
 
 import torch
+
+from rewards.ensemble import weighted_nansum
 
 
 class AdvantageResult(NamedTuple):
@@ -89,7 +109,7 @@ def compute_advantages(
         informative_G = torch.stack([inf for _, inf in per_reward]).any(dim=0)
         scored_B = torch.stack([torch.isfinite(scores[name]) for name in names]).any(dim=0)
     elif aggregation == "reward":
-        combined_B = sum(w[name] * scores[name] for name in names)  # NaN if any reward is NaN
+        combined_B = weighted_nansum(scores, w)  # NaN only where no reward scored the sample
         adv_B, informative_G = zscore(combined_B)
         scored_B = torch.isfinite(combined_B)
     else:
@@ -201,3 +221,157 @@ def _stats(
         "num_groups": float(informative_G.numel()),
     })
     return stats
+
+
+# ---- the trainer's entry point: which groups are dropped and why, then the advantages of the others ----
+
+NO_SCORES = "no reward scored any sample"
+
+
+class DroppedGroup(NamedTuple):
+    group: Hashable
+    """The group's label, as in ``group_ids``."""
+    reason: str
+    num_samples: int
+
+
+@dataclass(kw_only=True)
+class AdvantageReport:
+    """What ``advantages_from_scores`` decided for one batch."""
+
+    advantages: torch.Tensor
+    """``[B]`` fp32; exactly 0 for samples of dropped or filtered groups and for samples no reward scored."""
+    keep: torch.Tensor
+    """``[B]`` bool: the samples to train on."""
+    stats: dict[str, float]
+    """``compute_advantages``'s stats over the groups that were not dropped, plus ``dropped_groups`` (a count)."""
+    dropped: list[DroppedGroup] = field(default_factory=list)
+    num_groups: int = 0
+
+    @property
+    def trainable(self) -> bool:
+        """Whether any sample can be trained on."""
+        return bool(self.keep.any())
+
+    def why_nothing_trained(self) -> str:
+        """One line: why no group could be trained ("" when some could)."""
+        if self.trainable:
+            return ""
+        parts = []
+        if self.dropped:
+            first = self.dropped[0]
+            parts.append(f"{len(self.dropped)} of {self.num_groups} groups dropped (group {first.group!r}: "
+                         f"{first.reason})")
+        zero_std = self.num_groups - len(self.dropped)
+        if zero_std:
+            parts.append(f"{zero_std} of {self.num_groups} groups had no spread (equal scores for every scored member)")
+        return "; ".join(parts)
+
+    def events(self) -> list[tuple[str, dict[str, Any]]]:
+        """``("group_dropped", fields)`` per dropped group and ``("no_trainable_group", fields)`` when no sample
+        can be trained; each ``fields`` has a one-line ``message`` for the console."""
+        out: list[tuple[str, dict[str, Any]]] = [
+            ("group_dropped", {"group": d.group, "reason": d.reason, "samples": d.num_samples,
+                               "message": f"group {d.group!r} ({d.num_samples} samples) dropped: {d.reason}"})
+            for d in self.dropped
+        ]
+        if not self.trainable:
+            reason = self.why_nothing_trained()
+            out.append(("no_trainable_group", {
+                "groups": self.num_groups, "dropped_groups": len(self.dropped),
+                "zero_std_groups": self.num_groups - len(self.dropped), "reason": reason,
+                "message": f"no group could be trained in this iteration: {reason}",
+            }))
+        return out
+
+
+def advantages_from_scores(
+    raw: Mapping[str, torch.Tensor],
+    group_ids: Sequence[Hashable] | torch.Tensor,
+    *,
+    weights: Mapping[str, float],
+    dropped: Mapping[Hashable, str] | None = None,
+    std: str = "group",
+    aggregation: str = "advantage",
+    clip: float | None = 5.0,
+    eps: float = 1e-4,
+    unbiased: bool = True,
+    normalize_weights: bool = True,
+) -> AdvantageReport:
+    """Advantages of a scored batch, with the groups that cannot be trained dropped and explained.
+
+    Args:
+        raw: reward name -> ``[B]`` raw scores, NaN where the reward did not score the sample (``ScoreTable.raw``).
+        group_ids: ``[B]`` group labels (any hashables, e.g. ``ScoreTable``'s group ids, or an int tensor).
+        weights: reward name -> weight (``ScoreTable.weights``).
+        dropped: group label -> reason, the groups the scoring service dropped (``ScoreTable.drop_reasons``).
+        std, aggregation, clip, eps, unbiased, normalize_weights: as in :func:`compute_advantages`.
+
+    Returns:
+        :class:`AdvantageReport`. The groups that are not dropped go through :func:`compute_advantages` as one
+        batch, so its stats describe them alone; a group no reward scored is dropped with :data:`NO_SCORES`.
+    """
+    labels = group_ids.tolist() if isinstance(group_ids, torch.Tensor) else list(group_ids)
+    order = {g: i for i, g in enumerate(dict.fromkeys(labels))}
+    group_B = torch.tensor([order[g] for g in labels], dtype=torch.long)
+    reasons = dict(dropped or {})
+    unknown = [g for g in reasons if g not in order]
+    if unknown:
+        raise ValueError(f"dropped names groups {unknown} that are not in group_ids; pass the ScoreTable's "
+                         "drop_reasons together with the group ids given to the reward set")
+    raw = {name: torch.as_tensor(r).detach().float().cpu() for name, r in raw.items()}
+    if not raw:
+        raise ValueError("raw is empty; configure at least one reward")
+    bad = {name: tuple(r.shape) for name, r in raw.items() if tuple(r.shape) != (len(labels),)}
+    if bad:
+        raise ValueError(f"raw scores must be [B]=({len(labels)},) like group_ids, got shapes {bad}")
+    scored_B = torch.stack([torch.isfinite(r) for r in raw.values()]).any(dim=0)
+    scored_G = torch.zeros(len(order)).index_add(0, group_B, scored_B.float()) > 0
+    for g, i in order.items():
+        if g not in reasons and not scored_G[i]:
+            reasons[g] = NO_SCORES
+    usable_B = torch.tensor([g not in reasons for g in labels], dtype=torch.bool)
+    advantages_B = torch.zeros(len(labels))
+    keep_B = torch.zeros(len(labels), dtype=torch.bool)
+    stats = dict.fromkeys(("advantage/mean", "advantage/std", "advantage/abs_max", "advantage/clip_fraction",
+                           "zero_std_fraction"), float("nan"))
+    stats.update(num_filtered=float(len(labels)), num_groups=0.0)
+    if usable_B.any():
+        result = compute_advantages({k: v[usable_B] for k, v in raw.items()}, group_B[usable_B],
+                                    weights=weights, std=std, aggregation=aggregation, clip=clip, eps=eps,
+                                    unbiased=unbiased, normalize_weights=normalize_weights)
+        advantages_B[usable_B], keep_B[usable_B] = result.advantages, result.keep
+        stats = dict(result.stats)
+    stats["dropped_groups"] = float(len(reasons))
+    counts = {g: labels.count(g) for g in reasons}
+    return AdvantageReport(
+        advantages=advantages_B, keep=keep_B, stats=stats, num_groups=len(order),
+        dropped=[DroppedGroup(g, reasons[g], counts[g]) for g in order if g in reasons],
+    )
+
+
+class NothingTrainedError(RuntimeError):
+    """Raised by ``FailureStreak`` when too many iterations in a row trained nothing."""
+
+
+class FailureStreak:
+    """Counts the iterations in a row in which no group could be trained; ``record`` raises at ``limit``.
+
+    Any cause counts (failed or unscored groups, or equal scores in every group): a run that trains nothing should
+    stop and say why rather than finish with exit code 0.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if not (isinstance(limit, int) and limit >= 1):
+            raise ValueError(f"limit (train.max_failed_iterations) must be an int >= 1, got {limit!r}")
+        self.limit, self.count = limit, 0
+
+    def record(self, report: AdvantageReport) -> int:
+        """Count one iteration; returns the current streak, or raises ``NothingTrainedError`` when it hits the limit."""
+        self.count = 0 if report.trainable else self.count + 1
+        if self.count >= self.limit:
+            raise NothingTrainedError(
+                f"no group could be trained in {self.count} iterations in a row (last: {report.why_nothing_trained()})."
+                " See events.jsonl for each failure; fix the rewards, or raise train.max_failed_iterations"
+            )
+        return self.count

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 
 from policies.wan import WanPolicyConfig
+from rewards.ensemble import RewardSpec  # one spec for configs and the scoring service: name, weight, args, backend
 
 
 class ConfigError(ValueError):
@@ -72,14 +73,15 @@ class PromptConfig:
     """Where training prompts come from."""
 
     source: str = "toy"
-    """``toy`` (the toy world's training captions) or a text file with one prompt per line."""
+    """``toy`` (the toy world's training captions), a text file with one prompt per line, or a ``.jsonl`` file of
+    ``{"prompt": ..., <field>: ...}`` objects whose extra fields reach the rewards (``mixgrpo.prompts``)."""
     eval_source: str | None = None
     """Prompts for the sample videos; default: the toy world's held-out captions, or the training prompts."""
 
     def __post_init__(self) -> None:
         if self.source != "toy":
             _require(Path(self.source).is_file(), f"prompts.source: no such prompt file {self.source!r}; "
-                     "give a text file with one prompt per line, or 'toy'")
+                     "give a text file with one prompt per line, a .jsonl file, or 'toy'")
 
 
 @dataclass(kw_only=True)
@@ -135,16 +137,6 @@ class WindowConfig:
         _require(self.start >= 0, f"window.start must be >= 0, got {self.start}")
         _require(self.shift_interval >= 1, f"window.shift_interval must be >= 1, got {self.shift_interval}")
         _require(0 < self.train_fraction <= 1, f"window.train_fraction must be in (0, 1], got {self.train_fraction}")
-
-
-@dataclass(kw_only=True)
-class RewardSpec:
-    name: str
-    weight: float = 1.0
-    args: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        _require(math.isfinite(self.weight), f"rewards[{self.name}].weight must be finite, got {self.weight}")
 
 
 @dataclass(kw_only=True)
@@ -253,12 +245,21 @@ class TrainConfig:
     """Write sample mp4s every N iterations (0: only at the start and the end)."""
     num_videos: int = 4
     on_reward_error: Literal["raise", "drop"] = "raise"
+    reward_timeout_s: float = 600.0
+    """Seconds each reward call may take (0: no limit); a slower call is a reward failure, handled by
+    ``on_reward_error``."""
+    max_failed_iterations: int = 3
+    """Stop the run with an error after this many iterations in a row in which no group could be trained."""
 
     def __post_init__(self) -> None:
         _require(self.iterations >= 1, f"train.iterations must be >= 1, got {self.iterations}")
         _require(self.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
         _require(self.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         _require(self.video_every >= 0, f"train.video_every must be >= 0, got {self.video_every}")
+        _require(math.isfinite(self.reward_timeout_s) and self.reward_timeout_s >= 0,
+                 f"train.reward_timeout_s must be >= 0 seconds (0: no limit), got {self.reward_timeout_s}")
+        _require(self.max_failed_iterations >= 1,
+                 f"train.max_failed_iterations must be >= 1, got {self.max_failed_iterations}")
 
 
 @dataclass(kw_only=True)
@@ -364,7 +365,9 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
         kwargs[key] = _coerce(value, types[key], _join(where, key))
     try:
         return cls(**kwargs)
-    except TypeError as error:
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:  # e.g. RewardSpec, which lives in rewards/ and raises ValueError
         raise ConfigError(f"{where or 'config'}: {error}") from None
 
 

@@ -133,22 +133,3 @@ def check_parallel_degrees(cfg: ExperimentConfig) -> None:
         heads, sparse_ratio = transformer_geometry(cfg.policy)
         if heads is not None:
             check_degrees(cfg.rollout.sp_size, num_heads=heads, sparse_ratio=sparse_ratio)
-
-
-def read_prompt_file(path: str | Path) -> list[str]:
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"prompts: no such prompt file {str(path)!r}; give a text file with one prompt per line")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"prompts: {str(path)!r} holds no prompts; write one prompt per line")
-    return prompts
-
-
-def load_prompts(cfg, *, eval: bool = False) -> list[str]:
-    source = cfg.eval_source if eval and cfg.eval_source else cfg.source
-    if source == "toy":
-        from policies.toy import world
-
-        return world.eval_prompts() if eval else world.train_prompts()
-    return read_prompt_file(source)

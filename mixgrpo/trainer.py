@@ -8,8 +8,8 @@ Construction lives in ``Trainer.__init__``; ``Trainer.run`` is the loop and fits
 
 from __future__ import annotations
 
-import dataclasses
 import random
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -18,7 +18,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from mixgrpo.advantages import compute_advantages
+from mixgrpo.advantages import FailureStreak, advantages_from_scores
 from mixgrpo.checkpoint import load_latest_checkpoint, save_checkpoint
 from mixgrpo.config import ConfigError, ExperimentConfig, dump_config
 from mixgrpo.learner import UpdatePlan, plan_update
@@ -26,9 +26,10 @@ from mixgrpo.rollout import RolloutRequest, RolloutResult, generate, group_seed
 from mixgrpo.runlog import RunLog
 from mixgrpo.window import build_window_scheduler
 from mixgrpo import media
-from mixgrpo.policy_factory import build_policy, check_parallel_degrees, load_prompts
+from mixgrpo.policy_factory import build_policy, check_parallel_degrees
+from mixgrpo.prompts import Prompt, load_prompts, prompt_metadata
 from mixgrpo.worker import LocalWorkers, resolve_device
-from rewards.ensemble import RewardSet, ScoreTable
+from rewards.ensemble import RewardError, RewardSet, ScoreTable
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -61,7 +62,7 @@ class PromptSampler:
     """Stateless prompt draws: iteration i always gets the same prompts (an epoch-wise shuffle of the list), so a
     resumed run sees exactly the prompts an uninterrupted one would."""
 
-    def __init__(self, prompts: list[str], seed: int) -> None:
+    def __init__(self, prompts: list[Prompt], seed: int) -> None:
         if not prompts:
             raise ValueError("prompts: the prompt source is empty; give a file with one prompt per line")
         self.prompts, self.seed = list(prompts), seed
@@ -75,7 +76,7 @@ class PromptSampler:
             self._orders = {epoch: order}  # draws move forward epoch by epoch: keep just the current one
         return self._orders[epoch]
 
-    def draw(self, iteration: int, count: int) -> list[str]:
+    def draw(self, iteration: int, count: int) -> list[Prompt]:
         out = []
         for index in range(iteration * count, (iteration + 1) * count):
             epoch, position = divmod(index, len(self.prompts))
@@ -95,13 +96,11 @@ class Trainer:
         # The final step lands on sigma = 0 where the SDE's std vanishes: never sample or train it (as Flow-GRPO).
         self.window = build_window_scheduler(cfg.window, num_steps=cfg.sampler.num_steps - 1, seed=cfg.train.seed)
         self.prompts = PromptSampler(load_prompts(cfg.prompts), cfg.train.seed)
-        self.eval_prompts = load_prompts(cfg.prompts, eval=True)[: cfg.train.num_videos]
+        self.eval_prompts = [p.text for p in load_prompts(cfg.prompts, eval=True)][: cfg.train.num_videos]
         self.log = RunLog(self.run_dir, resume=resume)
         self.workers = self._build_workers()
-        # The driver of Ray workers holds no model on a GPU: its in-process rewards run on the CPU.
-        reward_device = "cpu" if cfg.rollout.backend == "ray" else str(resolve_device(cfg.train.device))
-        self.rewards = RewardSet([dataclasses.asdict(r) for r in cfg.rewards], on_error=cfg.train.on_reward_error,
-                                 device=reward_device)
+        self.rewards = self._build_rewards()
+        self.failure_streak = FailureStreak(cfg.train.max_failed_iterations)
         self.start_iteration = self._restore() if resume else 0
         self.log.write_config(cfg.to_dict())
 
@@ -111,6 +110,17 @@ class Trainer:
 
             return RayWorkers(self.cfg, on_event=self.log.event)
         return LocalWorkers(self.cfg, on_event=self.log.event)
+
+    def _build_rewards(self) -> RewardSet:
+        cfg = self.cfg
+        if any(spec.backend == "ray" for spec in cfg.rewards):
+            from mixgrpo.ray_workers import ensure_ray
+
+            ensure_ray()
+        # The driver of Ray workers holds no model on a GPU: its in-process rewards run on the CPU.
+        device = "cpu" if cfg.rollout.backend == "ray" else str(resolve_device(cfg.train.device))
+        return RewardSet(cfg.rewards, on_error=cfg.train.on_reward_error, timeout_s=cfg.train.reward_timeout_s,
+                         device=device)
 
     # ---- the loop ----
 
@@ -155,7 +165,7 @@ class Trainer:
     def request(self, iteration: int) -> RolloutRequest:
         groups = self.cfg.rollout.prompts_per_iteration
         return RolloutRequest(
-            iteration=iteration, prompts=self.prompts.draw(iteration, groups),
+            iteration=iteration, prompts=[p.text for p in self.prompts.draw(iteration, groups)],
             group_seeds=[group_seed(self.cfg.train.seed, iteration, g) for g in range(groups)],
             group_size=self.cfg.rollout.group_size, sde_steps=self.window.sde_steps())
 
@@ -163,31 +173,33 @@ class Trainer:
         return torch.arange(len(rollouts.request.prompts)).repeat_interleave(rollouts.request.group_size)
 
     def score(self, rollouts: RolloutResult):
+        """Every reward's scores; the prompts' extra fields (JSONL) reach the rewards as keyword arguments."""
         start = time.perf_counter()
         request = rollouts.request
-        scores = self.rewards.score(rollouts.videos_BTCHW, request.sample_prompts, sample_ids=request.sample_seeds,
-                                    group_ids=[request.group_ids[g] for g in self.group_ids(rollouts).tolist()])
+        records = self.prompts.draw(request.iteration, len(request.prompts))  # stateless: the request's own draw
+        members = self.group_ids(rollouts).tolist()
+        try:
+            scores = self.rewards.score(rollouts.videos_BTCHW, request.sample_prompts, sample_ids=request.sample_seeds,
+                                        group_ids=[request.group_ids[g] for g in members],
+                                        metadata=prompt_metadata([records[g] for g in members]))
+        except RewardError as error:  # on_reward_error=raise: the failure is an event, then it ends the run
+            kind, fields = error.event()
+            self.log.event(kind, iteration=request.iteration, **fields)
+            raise
         return scores, time.perf_counter() - start
 
     def advantages(self, rollouts: RolloutResult, scores: ScoreTable) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """Group-relative advantages over the usable samples. Groups with a dropped sample (reward error under
-        on_error=drop) or a NaN score are left out of the update whole; constant-reward groups are filtered too."""
-        group_ids = self.group_ids(rollouts)
-        usable = scores.keep_B.clone()
-        for values in scores.raw.values():
-            usable &= ~values.isnan()
-        usable = torch.stack([usable[group_ids == g].all() for g in group_ids])  # whole groups only
-        advantages = torch.zeros(len(group_ids))
-        keep = torch.zeros(len(group_ids), dtype=torch.bool)
-        stats: dict[str, float] = {"dropped_groups": float((~usable).sum()) / rollouts.request.group_size}
-        if usable.any():
-            cfg = self.cfg.advantages
-            result = compute_advantages({k: v[usable] for k, v in scores.raw.items()}, group_ids[usable],
-                                        weights=scores.weights, std=cfg.std, aggregation=cfg.aggregation,
-                                        clip=cfg.clip, eps=cfg.eps)
-            advantages[usable], keep[usable] = result.advantages, result.keep
-            stats.update(result.stats)
-        return advantages, keep, stats
+        """Group-relative advantages (TRL's rule for a reward that did not score a sample); every failure, NaN and
+        dropped group is an event and a warning, and too many iterations in a row with nothing to train stop the run."""
+        request, cfg = rollouts.request, self.cfg.advantages
+        labels = [request.group_ids[g] for g in self.group_ids(rollouts).tolist()]
+        report = advantages_from_scores(scores.raw, labels, weights=scores.weights, dropped=scores.drop_reasons,
+                                        std=cfg.std, aggregation=cfg.aggregation, clip=cfg.clip, eps=cfg.eps)
+        for kind, fields in scores.events() + report.events():
+            self.log.event(kind, iteration=request.iteration, **fields)
+            tqdm.write(f"mixgrpo: iteration {request.iteration}: {fields['message']}", file=sys.stderr)
+        self.failure_streak.record(report)
+        return report.advantages, report.keep, report.stats
 
     def plan(self, iteration: int, keep: torch.Tensor) -> UpdatePlan:
         """The iteration's minibatches (the same on every rank), over the trained steps of the kept samples."""

@@ -8,11 +8,16 @@ A reward is called as ``reward(videos_BTCHW, prompts, **metadata) -> scores_B`` 
 only implement ``score``. Image rewards subclass ``PerFrameReward`` and implement ``score_images``: frames are
 sampled evenly in time and their scores averaged. A reward that is made of parts can also report them:
 ``score_with_details`` returns the score with named per-sample component scores (``validate_details``).
+
+Metadata: per-sample fields (e.g. the extra fields of a JSONL prompt file) arrive as keyword arguments, each a
+sequence aligned with the videos. A score function receives the fields it names as parameters, or all of them
+when it takes ``**kwargs`` (``accepted_metadata``), so a reward that ignores metadata works with any prompt file.
 """
 
 from __future__ import annotations
 
 import abc
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -90,6 +95,30 @@ def validate_details(details: Any, batch_size: int, reward_name: str) -> dict[st
     return out
 
 
+RESERVED_METADATA: tuple[str, ...] = ("prompts", "completions", "videos_BTCHW")
+"""Names a metadata field cannot take: they are the positional inputs of the score functions."""
+
+
+def accepted_metadata(fn: Callable[..., Any], metadata: Mapping[str, Any], *, positional: int = 0) -> dict[str, Any]:
+    """The fields of ``metadata`` that ``fn`` accepts: all of them if it takes ``**kwargs``, else those it names.
+
+    ``positional``: how many leading parameters the caller fills by position (videos, prompts); their names are not
+    metadata fields. Like TRL, which hands every dataset column to reward functions; unlike TRL, a function
+    without ``**kwargs`` is not broken by a field it never asked for.
+    """
+    if not metadata:
+        return {}
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # no introspectable signature (a builtin): pass everything, as TRL does
+        return dict(metadata)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return dict(metadata)
+    keyword = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    named = {p.name for p in params[positional:] if p.kind in keyword}
+    return {k: v for k, v in metadata.items() if k in named}
+
+
 def sample_frame_indices(num_frames: int, num_samples: int) -> torch.Tensor:
     """Indices of ``num_samples`` frames evenly spaced over ``num_frames`` (first and last included).
 
@@ -147,8 +176,9 @@ class Reward(abc.ABC):
         validate_videos(videos_BTCHW, prompts)
         if not self._is_setup:
             self.setup(self.device)
+        kwargs = accepted_metadata(self.score, metadata, positional=2)
         with torch.no_grad():
-            scores_B = self.score(videos_BTCHW.to(self.device), list(prompts), **metadata)
+            scores_B = self.score(videos_BTCHW.to(self.device), list(prompts), **kwargs)
         return validate_scores(scores_B, videos_BTCHW.shape[0], self.name)
 
     def score_with_details(
@@ -196,15 +226,16 @@ class FunctionReward(Reward):
         self.fn = fn
 
     def score(self, videos_BTCHW: torch.Tensor, prompts: Sequence[str], **metadata: Any) -> torch.Tensor:
-        return torch.as_tensor(self.fn(videos_BTCHW, prompts, **metadata))
+        return torch.as_tensor(self.fn(videos_BTCHW, prompts, **accepted_metadata(self.fn, metadata, positional=2)))
 
 
 class TRLReward(Reward):
     """Adapts a TRL-style reward ``fn(prompts, completions=None, **kwargs) -> list[float | None]``.
 
-    ``completions`` are the videos, one [T, C, H, W] tensor per prompt, and metadata arrives as keyword
-    arguments (TRL passes dataset columns the same way). ``None`` means "does not apply to this sample" and
-    becomes NaN, which the scoring service counts and reports instead of hiding.
+    ``completions`` are the videos, one [T, C, H, W] tensor per prompt, and each metadata field arrives as a
+    keyword argument holding one value per prompt (TRL passes dataset columns the same way). ``None`` means
+    "does not apply to this sample" and becomes NaN: the sample keeps the other rewards' contribution (TRL's
+    rule), and the scoring service counts and reports it instead of hiding it.
     """
 
     def __init__(self, fn: Callable[..., Sequence[float | None]], *, name: str, batch_size: int | None = None) -> None:
@@ -212,7 +243,8 @@ class TRLReward(Reward):
         self.fn = fn
 
     def score(self, videos_BTCHW: torch.Tensor, prompts: Sequence[str], **metadata: Any) -> torch.Tensor:
-        values = list(self.fn(prompts=list(prompts), completions=list(videos_BTCHW.unbind(0)), **metadata))
+        kwargs = accepted_metadata(self.fn, metadata)
+        values = list(self.fn(prompts=list(prompts), completions=list(videos_BTCHW.unbind(0)), **kwargs))
         if len(values) != len(prompts):
             raise ValueError(
                 f"reward {self.name!r} returned {len(values)} values for {len(prompts)} prompts; return one per prompt"

@@ -96,6 +96,7 @@ def main() -> None:
                          "num_frames": args.sampled_frames, "batch_size": batch},
                 "num_gpus": args.num_gpus if args.backend == "ray" and args.device.startswith("cuda") else 0.0,
                 "num_cpus": 0.5,
+                "backend": args.backend,
             }
             for name in archs
         }
@@ -103,7 +104,7 @@ def main() -> None:
         videos = torch.rand(batch, frames, 3, height, width, generator=generator).to(args.device)
         prompts = [f"a photo of a cat number {i}" for i in range(batch)]
         for chosen in [["clip_score"], ["hpsv2"], ["clip_score", "hpsv2"]]:
-            with RewardSet([specs[n] for n in chosen], backend=args.backend, device=args.device) as reward_set:
+            with RewardSet([specs[n] for n in chosen], device=args.device) as reward_set:
                 seconds = time_scoring(reward_set, videos, prompts, iters, args.device)
             print(json.dumps({
                 "rewards": "+".join(chosen), "backend": args.backend, "device": args.device, "precision": precision,

@@ -1,4 +1,4 @@
-"""Advantages on hand-computed cases."""
+"""Advantages on hand-computed cases; the trainer's entry point (dropped groups, events, failure streak)."""
 
 import math
 import statistics
@@ -6,7 +6,14 @@ import statistics
 import pytest
 import torch
 
-from mixgrpo.advantages import compute_advantages
+from mixgrpo.advantages import (
+    NO_SCORES,
+    DroppedGroup,
+    FailureStreak,
+    NothingTrainedError,
+    advantages_from_scores,
+    compute_advantages,
+)
 
 EPS = 1e-4
 
@@ -110,7 +117,142 @@ def test_nan_means_does_not_apply_and_invalid_samples_are_left_out():
     torch.testing.assert_close(adv, torch.tensor([0.5 * (-1 - s), 0.0, 0.5 * (1 + s), 0.0]))
     assert stats["reward/b/mean"] == pytest.approx(1.0) and stats["num_filtered"] == 1
     assert keep.tolist() == [True, True, True, False]
-    # reward-level aggregation: a NaN in any reward removes the sample from the combined score
+    # reward-level aggregation: sample 1 keeps a's share of the weighted sum (TRL's nansum, not re-weighted)
     adv_r, keep_r, _ = compute_advantages(rewards, groups, aggregation="reward", clip=None, eps=0.0,
                                           valid_B=valid)
-    assert adv_r[1] == 0 and adv_r[3] == 0 and adv_r[0] < 0 < adv_r[2] and keep_r.tolist() == [True, False, True, False]
+    combined = [0.5 * 1 + 0.5 * 0, 0.5 * 2, 0.5 * 3 + 0.5 * 2]
+    m, sd = statistics.mean(combined), statistics.stdev(combined)
+    torch.testing.assert_close(adv_r, torch.tensor([(x - m) / sd for x in combined] + [0.0]))
+    assert keep_r.tolist() == [True, True, True, False]
+
+
+# ---- advantages_from_scores: TRL's None rule, dropped groups and their reasons ----
+
+NAN = float("nan")
+
+
+def test_a_reward_returning_none_keeps_the_group_and_matches_a_hand_computation():
+    # b returned None (NaN) for sample 1: the group keeps b's z-scores over its three scored members and a's over all
+    raw = {"a": torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 6.0, 8.0]),
+           "b": torch.tensor([0.0, NAN, 2.0, 4.0, 1.0, 2.0, 3.0, 4.0])}
+    report = advantages_from_scores(raw, [0, 0, 0, 0, 1, 1, 1, 1], weights={"a": 1.0, "b": 1.0}, clip=None, eps=0.0)
+
+    def z(values):
+        m, sd = statistics.mean(values), statistics.stdev(values)
+        return [(v - m) / sd for v in values]
+
+    z_a = z([1, 2, 3, 4]) + z([5, 5, 6, 8])
+    z_b = [z([0, 2, 4])[0], 0.0, *z([0, 2, 4])[1:]] + z([1, 2, 3, 4])  # the missing score contributes 0
+    torch.testing.assert_close(report.advantages, torch.tensor([0.5 * x + 0.5 * y for x, y in zip(z_a, z_b)]))
+    assert report.keep.all() and report.dropped == [] and report.trainable and report.events() == []
+    assert report.stats["dropped_groups"] == 0 and report.stats["num_groups"] == 2
+
+
+def test_reward_aggregation_sums_the_rewards_that_scored_and_leaves_out_unscored_samples():
+    raw = {"a": torch.tensor([1.0, 2.0, NAN, 4.0]), "b": torch.tensor([2.0, NAN, NAN, 0.0])}
+    report = advantages_from_scores(raw, ["p", "p", "p", "p"], weights={"a": 1.0, "b": 3.0}, aggregation="reward",
+                                    clip=None, eps=0.0)
+    combined = [0.25 * 1 + 0.75 * 2, 0.25 * 2, 0.25 * 4 + 0.75 * 0]  # sample 2: no reward scored it
+    m, sd = statistics.mean(combined), statistics.stdev(combined)
+    expected = [(x - m) / sd for x in combined]
+    torch.testing.assert_close(report.advantages, torch.tensor(expected[:2] + [0.0] + expected[2:]))
+    assert report.keep.tolist() == [True, True, False, True] and report.dropped == []
+    assert report.stats["num_filtered"] == 1
+
+
+def test_a_reward_that_scored_one_member_of_a_group_contributes_nothing_there():
+    raw = {"a": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([NAN, 7.0, NAN])}  # b's std is undefined
+    report = advantages_from_scores(raw, [0, 0, 0], weights={"a": 1.0, "b": 1.0}, clip=None, eps=0.0)
+    torch.testing.assert_close(report.advantages, torch.tensor([-0.5, 0.0, 0.5]))  # b's share is 0, as if constant
+    assert report.keep.all()
+
+
+def test_a_group_no_reward_scored_is_dropped_with_its_reason_and_events():
+    raw = {"a": torch.tensor([1.0, 2.0, NAN, NAN]), "b": torch.tensor([3.0, 1.0, NAN, NAN])}
+    report = advantages_from_scores(raw, [10, 10, 11, 11], weights={"a": 1.0, "b": 1.0}, clip=None, eps=0.0)
+    assert report.dropped == [DroppedGroup(11, NO_SCORES, 2)] and report.keep.tolist() == [True, True, False, False]
+    alone = advantages_from_scores({k: v[:2] for k, v in raw.items()}, [10, 10], weights={"a": 1.0, "b": 1.0},
+                                   clip=None, eps=0.0)
+    torch.testing.assert_close(report.advantages[:2], alone.advantages)
+    assert report.stats["dropped_groups"] == 1 and report.stats["num_groups"] == 1  # stats: the kept groups only
+    assert report.events() == [("group_dropped", {
+        "group": 11, "reason": "no reward scored any sample", "samples": 2,
+        "message": "group 11 (2 samples) dropped: no reward scored any sample"})]
+
+
+def test_groups_dropped_by_the_scoring_service_keep_its_reason():
+    raw = {"a": torch.tensor([1.0, NAN, 3.0, 4.0])}
+    reason = "reward 'a' failed for sample 's1' under on_error=drop"
+    report = advantages_from_scores(raw, ["x", "x", "y", "y"], weights={"a": 1.0}, dropped={"x": reason})
+    assert report.dropped == [DroppedGroup("x", reason, 2)] and report.keep.tolist() == [False, False, True, True]
+    assert report.advantages[:2].tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="not in group_ids"):
+        advantages_from_scores(raw, ["x", "x", "y", "y"], weights={"a": 1.0}, dropped={"z": reason})
+    with pytest.raises(ValueError, match=r"\[B\]=\(3,\)"):
+        advantages_from_scores(raw, ["x", "x", "y"], weights={"a": 1.0})
+
+
+def test_nothing_trainable_is_an_event_with_the_reason():
+    raw = {"a": torch.tensor([NAN, NAN, 5.0, 5.0])}
+    report = advantages_from_scores(raw, [0, 0, 1, 1], weights={"a": 1.0})
+    assert not report.trainable and report.advantages.tolist() == [0.0] * 4
+    kinds = [kind for kind, _ in report.events()]
+    assert kinds == ["group_dropped", "no_trainable_group"]
+    fields = report.events()[-1][1]
+    assert fields["groups"] == 2 and fields["dropped_groups"] == 1 and fields["zero_std_groups"] == 1
+    assert fields["reason"] == ("1 of 2 groups dropped (group 0: no reward scored any sample); 1 of 2 groups had no "
+                                "spread (equal scores for every scored member)")
+    everything_dropped = advantages_from_scores({"a": torch.full((4,), NAN)}, [0, 0, 1, 1], weights={"a": 1.0})
+    assert everything_dropped.stats["num_groups"] == 0 and everything_dropped.stats["dropped_groups"] == 2
+    assert math.isnan(everything_dropped.stats["advantage/mean"])  # same columns every iteration, no made-up values
+
+
+def legacy_trainer_advantages(raw, keep_B, group_ids, group_size, weights, **cfg):
+    """Trainer.advantages before advantages_from_scores (a NaN anywhere dropped its whole group), for comparison."""
+    usable = keep_B.clone()
+    for values in raw.values():
+        usable &= ~values.isnan()
+    usable = torch.stack([usable[group_ids == g].all() for g in group_ids])
+    advantages, keep = torch.zeros(len(group_ids)), torch.zeros(len(group_ids), dtype=torch.bool)
+    stats = {"dropped_groups": float((~usable).sum()) / group_size}
+    if usable.any():
+        result = compute_advantages({k: v[usable] for k, v in raw.items()}, group_ids[usable], weights=weights, **cfg)
+        advantages[usable], keep[usable] = result.advantages, result.keep
+        stats.update(result.stats)
+    return advantages, keep, stats
+
+
+@pytest.mark.parametrize("std", ["group", "global"])
+@pytest.mark.parametrize("aggregation", ["advantage", "reward"])
+def test_same_as_the_old_trainer_rule_when_every_score_is_finite(std, aggregation):
+    g = torch.Generator().manual_seed(0)
+    raw = {"a": torch.randn(16, generator=g), "b": torch.rand(16, generator=g)}
+    raw["a"][4:8] = 0.5  # group 1 constant in a ...
+    raw["b"][4:8] = 0.25  # ... and in b: filtered as zero-std by both
+    group_ids = torch.arange(4).repeat_interleave(4)
+    cfg = dict(std=std, aggregation=aggregation, clip=1.5, eps=1e-4)
+    weights = {"a": 1.0, "b": 3.0}
+    keep_all = torch.ones(16, dtype=torch.bool)
+    old = legacy_trainer_advantages(raw, keep_all, group_ids, 4, weights, **cfg)
+    new = advantages_from_scores(raw, group_ids, weights=weights, **cfg)
+    torch.testing.assert_close(new.advantages, old[0], rtol=0, atol=0)
+    assert new.keep.tolist() == old[1].tolist() and new.stats == old[2]
+    # a reward call failed for sample 9 under on_error=drop: the table's NaN and its group 2 go, in both versions
+    failed = {k: v.clone() for k, v in raw.items()}
+    failed["a"][9] = NAN
+    old = legacy_trainer_advantages(failed, group_ids != 2, group_ids, 4, weights, **cfg)
+    new = advantages_from_scores(failed, group_ids, weights=weights, dropped={2: "reward 'a' failed"}, **cfg)
+    torch.testing.assert_close(new.advantages, old[0], rtol=0, atol=0)
+    assert new.keep.tolist() == old[1].tolist() and new.stats == old[2]
+
+
+def test_failure_streak_counts_iterations_in_a_row_and_stops_the_run():
+    trained = advantages_from_scores({"a": torch.tensor([1.0, 2.0])}, [0, 0], weights={"a": 1.0})
+    nothing = advantages_from_scores({"a": torch.tensor([NAN, NAN])}, [0, 0], weights={"a": 1.0})
+    streak = FailureStreak(2)
+    assert [streak.record(r) for r in (nothing, trained, nothing)] == [1, 0, 1]  # a trained iteration resets it
+    with pytest.raises(NothingTrainedError, match=r"2 iterations in a row \(last: 1 of 1 groups dropped \(group 0: "
+                                                  r"no reward scored any sample\)\).*train.max_failed_iterations"):
+        streak.record(nothing)
+    with pytest.raises(ValueError, match="max_failed_iterations"):
+        FailureStreak(0)

@@ -80,7 +80,11 @@ def test_drop_policy_drops_whole_groups_and_counts_nan(test_rewards):
     assert table.nan_counts == {"boom": 0, "maybe": 1}  # failures are not counted as NaN returns
     assert table.weights == {"boom": 2.0, "maybe": 1.0}
     torch.testing.assert_close(table.aggregate[0], (2 * table.raw["boom"][0] + 1.0) / 3)
-    assert math.isnan(table.aggregate[4])  # 'maybe' is NaN there: the aggregate does not hide it
+    # 'maybe' did not score sample 4: it keeps boom's share of the weighted sum (TRL's rule), nothing re-weighted
+    torch.testing.assert_close(table.aggregate[4], 2 * table.raw["boom"][4] / 3)
+    torch.testing.assert_close(table.aggregate[2], torch.tensor(1.0 / 3))  # boom failed there: maybe's share only
+    assert table.nan_ids == {"boom": [], "maybe": ["s4"]}
+    assert table.drop_reasons == {1: "reward 'boom' failed for sample 's2' under on_error=drop"}
     assert table.rows()[2]["dropped"] and table.rows()[0]["maybe"] == 1.0
 
 
@@ -98,6 +102,56 @@ def test_submit_does_not_block_the_caller(test_rewards, monkeypatch):
         release.set()
         table = handle.result(timeout=30)
     assert handle.done() and table.raw["slow"].tolist() == [0.0, 0.0]
+
+
+def test_config_rewards_are_the_scoring_service_specs():
+    from mixgrpo.config import ConfigError, load_config
+
+    cfg = load_config(None, ["rewards=[{name: temporal_flicker, weight: 2, backend: ray, num_gpus: 0.5}]"])
+    assert cfg.rewards == [rewards.RewardSpec(name="temporal_flicker", weight=2.0, backend="ray", num_gpus=0.5)]
+    for override, message in [
+        ("rewards=[{name: temporal_flicker, weight: abc}]", r"^rewards\[0\]\.weight must be a number, got 'abc'$"),
+        ("rewards=[{name: a, weight: .inf}]", r"^rewards\[0\]: rewards\['a'\]\.weight must be finite, got inf"),
+        ("rewards=[{name: a, backend: gpu}]", r"^rewards\[0\]\.backend must be one of \['local', 'ray'\], got 'gpu'$"),
+        ("rewards=[{name: a, wieght: 1}]", r"^unknown config key rewards\[0\]\.wieght; did you mean "
+         r"rewards\[0\]\.weight"),
+        ("rewards=[{name: a, num_cpus: -1}]", r"^rewards\[0\]: rewards\['a'\]\.num_gpus and num_cpus must be >= 0"),
+        ("train.reward_timeout_s=-1", r"^train\.reward_timeout_s must be >= 0 seconds \(0: no limit\), got -1"),
+        ("train.max_failed_iterations=0", r"^train\.max_failed_iterations must be >= 1, got 0$"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [override])
+    defaults = load_config(None, []).train
+    assert defaults.reward_timeout_s == 600 and defaults.max_failed_iterations == 3
+
+
+def test_metadata_reaches_the_rewards_that_accept_it(test_rewards):
+    seen = {}
+
+    @rewards.register_reward("plain", style="function")
+    def plain(videos, prompts):  # takes no metadata: the fields are not forced on it
+        return torch.zeros(videos.shape[0])
+
+    @rewards.register_reward("named", style="function")
+    def named(videos, prompts, *, level):
+        seen["named"] = list(level)
+        return torch.tensor([float(x) for x in level])
+
+    @rewards.register_reward("declares")
+    class Declares(rewards.Reward):
+        def score(self, videos, prompts, colour=None):
+            seen["declares"] = list(colour)
+            return torch.tensor([float(c == "red") for c in colour])
+
+    # "videos" is also the name of the functions' first parameter, filled by position: it is not forced on them
+    metadata = {"level": [1, 2, 3], "colour": ["red", "blue", "red"], "videos": ["x", "y", "z"]}
+    specs = [{"name": n} for n in ("plain", "named", "declares", "temporal_flicker")]
+    with RewardSet(specs) as rs:
+        table = rs.score(random_videos(3), ["a", "b", "c"], sample_ids=[0, 1, 2], metadata=metadata)
+        with pytest.raises(ValueError, match=r"metadata field 'prompts' clashes.*rename that field"):
+            rs.score(random_videos(3), ["a", "b", "c"], sample_ids=[0, 1, 2], metadata={"prompts": [1, 2, 3]})
+    assert table.failures == [] and seen == {"named": [1, 2, 3], "declares": ["red", "blue", "red"]}
+    assert table.raw["named"].tolist() == [1.0, 2.0, 3.0] and table.raw["declares"].tolist() == [1.0, 0.0, 1.0]
 
 
 def test_metadata_sliced_per_chunk(test_rewards):
@@ -135,9 +189,16 @@ def test_ray_actors_match_in_process(ray_cluster, tiny_open_clip):
     prompts = [f"a {c} {s} moving {d}" for c, s, d in
                [("red", "square", "left"), ("blue", "circle", "up"), ("green", "triangle", "right"),
                 ("yellow", "square", "down"), ("red", "circle", "right")]]
-    with RewardSet(specs) as local:
-        want = local.score(videos, prompts, sample_ids=ids)
-    with RewardSet(specs, backend="ray") as remote:
+    # Ray runs a fractional-CPU actor with one torch thread; a matmul split over another number of threads sums in
+    # another order (last-bit differences), so the in-process reference uses one thread too.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with RewardSet(specs) as local:
+            want = local.score(videos, prompts, sample_ids=ids)
+    finally:
+        torch.set_num_threads(threads)
+    with RewardSet([{**spec, "backend": "ray"} for spec in specs]) as remote:
         handle = remote.submit(videos, prompts, sample_ids=ids)
         got = handle.result(timeout=120)
     for name in want.names:
