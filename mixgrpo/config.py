@@ -250,9 +250,14 @@ class TrainConfig:
     ``on_reward_error``."""
     max_failed_iterations: int = 3
     """Stop the run with an error after this many iterations in a row in which no group could be trained."""
+    sample_videos_per_iteration: int = 2
+    """Training samples written as mp4 each iteration (the first member of the first groups), linked from
+    samples.parquet's video_path; 0 writes none."""
 
     def __post_init__(self) -> None:
         _require(self.iterations >= 1, f"train.iterations must be >= 1, got {self.iterations}")
+        _require(self.sample_videos_per_iteration >= 0,
+                 f"train.sample_videos_per_iteration must be >= 0, got {self.sample_videos_per_iteration}")
         _require(self.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
         _require(self.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         _require(self.video_every >= 0, f"train.video_every must be >= 0, got {self.video_every}")
@@ -260,6 +265,31 @@ class TrainConfig:
                  f"train.reward_timeout_s must be >= 0 seconds (0: no limit), got {self.reward_timeout_s}")
         _require(self.max_failed_iterations >= 1,
                  f"train.max_failed_iterations must be >= 1, got {self.max_failed_iterations}")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Scored evaluation: deterministic ODE samples of the current policy (its EMA when it keeps one) on a fixed
+    prompt set, scored by the run's rewards, written to eval.parquet and as eval/... columns of metrics.parquet."""
+
+    every: int = 0
+    """Evaluate after every N iterations (and after the last); 0 turns evaluation off."""
+    prompts: str = "toy"
+    """``toy`` (the toy world's held-out captions) or a prompt file (text or .jsonl)."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    """Initial-noise seeds: every prompt is sampled once per seed (one eval.parquet row per prompt x seed)."""
+    max_prompts: int = 0
+    """Use only the first N prompts of the set (0: all)."""
+
+    def __post_init__(self) -> None:
+        self.seeds = list(self.seeds)
+        _require(self.every >= 0, f"eval.every must be >= 0 iterations (0: off), got {self.every}")
+        _require(bool(self.seeds) and all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds),
+                 f"eval.seeds must be a non-empty list of integers, e.g. [0, 1]; got {self.seeds!r}")
+        _require(self.max_prompts >= 0, f"eval.max_prompts must be >= 0 (0: all), got {self.max_prompts}")
+        if self.every and self.prompts != "toy":
+            _require(Path(self.prompts).is_file(), f"eval.prompts: no such prompt file {self.prompts!r}; give a "
+                     "text or .jsonl file, or 'toy' for the toy world's held-out captions")
 
 
 @dataclass(kw_only=True)
@@ -274,6 +304,7 @@ class ExperimentConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         _require(len(self.rewards) >= 1, "rewards: give at least one reward, e.g. rewards=[{name: toy_fidelity}]")
@@ -288,6 +319,9 @@ class ExperimentConfig:
         _require(self.window.start + self.window.size <= coverable,
                  f"window.start + window.size ({self.window.start + self.window.size}) must be <= sampler.num_steps - 1 "
                  f"({coverable}); lower window.start")
+        _require(not (self.eval.every and self.eval.prompts == "toy" and self.policy.kind != "toy"),
+                 "eval.prompts=toy is the toy world's held-out captions; give a prompt file for this policy, or set "
+                 "eval.every=0")
         if self.policy.quantization == "hif8":
             _require(self.learner.mixed_precision != "fp16", "policy.quantization=hif8 runs in bf16 or fp32; set learner.mixed_precision=bf16 or no")
         rollout = self.rollout

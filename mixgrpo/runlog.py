@@ -6,6 +6,7 @@ Layout (DESIGN.md section 3)::
       config.yaml        resolved config, written once (atomic)
       metrics.parquet    one row per iteration
       samples.parquet    one row per rollout sample
+      eval.parquet       one row per evaluation prompt x seed (when eval.every > 0)
       events.jsonl       faults, warnings, resumes: {"time": UTC ISO-8601, "kind": ..., **fields}
       checkpoints/       owned by mixgrpo.checkpoint
       videos/            mp4s named by `RunLog.video_path`
@@ -42,7 +43,13 @@ samples.parquet schema, one row per rollout sample:
     advantage                        float64
     video_path                       string, relative to the run directory, "" when no video was saved
 
-Extra keys are allowed in both files: numbers (bool included) become float64 columns, strings string columns.
+eval.parquet schema, one row per evaluation prompt x seed (iteration -1: the policy before training):
+
+    iteration, seed                  int64
+    prompt                           string
+    reward, reward/<name>, reward/<name>/<component>   float64, as in samples.parquet
+
+Extra keys are allowed in all three files: numbers (bool included) become float64 columns, strings string columns.
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ import yaml
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.parquet"
 SAMPLES_FILE = "samples.parquet"
+EVAL_FILE = "eval.parquet"
 EVENTS_FILE = "events.jsonl"
 
 SAMPLE_INT_COLUMNS = ("iteration", "group", "seed", "sample")
@@ -190,6 +198,7 @@ class RunLog:
         (self.run_dir / "checkpoints").mkdir(exist_ok=True)
         self._metric_rows: list[dict[str, Any]] = []
         self._sample_rows: list[dict[str, Any]] = []
+        self._eval_rows: list[dict[str, Any]] = []
         self._str_columns: set[str] = {"prompt", "video_path"}
         self._num_columns: set[str] = {"reward", "advantage"}
         self._closed = False
@@ -222,6 +231,8 @@ class RunLog:
                     is_str = pd.api.types.is_string_dtype(samples[c])
                     (self._str_columns if is_str else self._num_columns).add(c)
             self._sample_rows = [_drop_nan(r) for r in samples.to_dict("records")]
+        if (self.run_dir / EVAL_FILE).exists():
+            self._eval_rows = [_drop_nan(r) for r in read_parquet(self.run_dir / EVAL_FILE).to_dict("records")]
 
     @property
     def last_iteration(self) -> int | None:
@@ -285,6 +296,17 @@ class RunLog:
                 self._num_columns.add(key)
         return row
 
+    def log_eval(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Append evaluation rows (``iteration``, ``prompt``, ``seed``, scores) and rewrite eval.parquet."""
+        self._check_open()
+        for index, row in enumerate(rows):
+            missing = [k for k in ("iteration", "prompt", "seed", "reward") if k not in row]
+            if missing:
+                raise ValueError(f"log_eval row {index} lacks {missing}")
+            self._eval_rows.append({k: (v if isinstance(v, str) or k in ("iteration", "seed") else float(v))
+                                    for k, v in row.items()})
+        self._write_eval()
+
     def _relative_video(self, path: str | os.PathLike) -> str:
         path = os.fspath(path)
         if not path or not os.path.isabs(path):
@@ -318,8 +340,11 @@ class RunLog:
         dropped = [r for r in self._sample_rows if r["iteration"] > iteration]
         self._metric_rows = [r for r in self._metric_rows if r["iteration"] <= iteration]
         self._sample_rows = [r for r in self._sample_rows if r["iteration"] <= iteration]
+        self._eval_rows = [r for r in self._eval_rows if r["iteration"] <= iteration]
         self._write_metrics()
         self._write_samples()
+        if (self.run_dir / EVAL_FILE).exists():
+            self._write_eval()
         for row in dropped:
             if row.get("video_path"):
                 (self.run_dir / row["video_path"]).unlink(missing_ok=True)
@@ -347,6 +372,14 @@ class RunLog:
     def _write_metrics(self) -> None:
         with atomic_path(self.run_dir / METRICS_FILE) as tmp:
             metrics_frame(self._metric_rows).to_parquet(tmp, index=False)
+
+    def _write_eval(self) -> None:
+        with atomic_path(self.run_dir / EVAL_FILE) as tmp:
+            frame = pd.DataFrame(self._eval_rows)
+            for column in ("iteration", "seed"):
+                if column in frame:
+                    frame[column] = frame[column].astype("int64")
+            frame.to_parquet(tmp, index=False)
 
     def _write_samples(self) -> None:
         with atomic_path(self.run_dir / SAMPLES_FILE) as tmp:

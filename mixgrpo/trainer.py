@@ -97,6 +97,7 @@ class Trainer:
         self.window = build_window_scheduler(cfg.window, num_steps=cfg.sampler.num_steps - 1, seed=cfg.train.seed)
         self.prompts = PromptSampler(load_prompts(cfg.prompts), cfg.train.seed)
         self.eval_prompts = [p.text for p in load_prompts(cfg.prompts, eval=True)][: cfg.train.num_videos]
+        self.eval_set = eval_prompt_set(cfg) if cfg.eval.every else []
         self.log = RunLog(self.run_dir, resume=resume)
         self.workers = self._build_workers()
         self.rewards = self._build_rewards()
@@ -131,10 +132,13 @@ class Trainer:
         try:
             if self.start_iteration == 0:
                 self.write_videos("start")
+                self.evaluate(-1)  # the base policy, for before/after comparisons (eval.parquet only)
             for iteration in bar:
                 tick = time.perf_counter()
                 metrics, samples = self.workers.attempt(lambda: self.step(iteration), iteration)
                 metrics.update(self.workers.timings, **{"time/total": time.perf_counter() - tick})
+                if self.eval_due(iteration):
+                    metrics.update(self.evaluate(iteration))
                 self.log.log_metrics(metrics)
                 self.log.log_samples(samples)
                 self.window.advance()
@@ -144,7 +148,7 @@ class Trainer:
                     self.write_videos(f"iter{iteration + 1:06d}")
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", ratio0=f"{metrics['ratio/first_step']:.4f}")
             self.write_videos("end")
-            self.plot()
+            self.artefact("reward curve", self.plot)
         finally:  # also on errors and Ctrl-C: free the workers' GPUs and close the run directory
             self.close()
         return self.run_dir
@@ -158,7 +162,9 @@ class Trainer:
         stats = self.workers.update(advantages, self.plan(iteration, keep))
         metrics = self.metrics(iteration, rollouts, scores, adv_stats, stats, reward_seconds,
                                time.perf_counter() - update_start)
-        return metrics, self.sample_rows(iteration, rollouts, scores, advantages)
+        rows = self.sample_rows(iteration, rollouts, scores, advantages)
+        self.write_sample_videos(iteration, rollouts, rows)
+        return metrics, rows
 
     # ---- the steps ----
 
@@ -270,6 +276,16 @@ class Trainer:
         self.log.event("resume", iteration=ckpt.iteration, checkpoint=ckpt.path.name)
         return ckpt.iteration
 
+    def write_sample_videos(self, iteration: int, rollouts: RolloutResult, rows: list[dict]) -> None:
+        """The first member of each of the first ``train.sample_videos_per_iteration`` groups as mp4, linked from
+        its samples.parquet row."""
+        size = rollouts.request.group_size
+        for b in range(0, min(len(rows), self.cfg.train.sample_videos_per_iteration * size), size):
+            path = self.log.video_path(iteration, rows[b]["prompt"], b)
+            written = self.artefact("training-sample video", media.write_mp4, path, rollouts.videos_BTCHW[b],
+                                    fps=4, layout="TCHW")
+            rows[b]["video_path"] = str(written) if written else ""
+
     @torch.no_grad()
     def write_videos(self, tag: str) -> list[Path]:
         """Sample the eval prompts with the pure ODE sampler (seeded) and write mp4s plus a contact sheet."""
@@ -280,9 +296,57 @@ class Trainer:
         paths = []
         for index, (prompt, video) in enumerate(zip(self.eval_prompts, videos)):
             path = self.run_dir / "videos" / f"{tag}_{index:02d}_{media_slug(prompt)}.mp4"
-            paths.append(media.write_mp4(path, video, fps=4, layout="TCHW"))
-        media.contact_sheet(list(videos), list(self.eval_prompts), self.run_dir / "videos" / f"{tag}_sheet.png")
-        return paths
+            paths.append(self.artefact("sample video", media.write_mp4, path, video, fps=4, layout="TCHW"))
+        self.artefact("contact sheet", media.contact_sheet, list(videos), list(self.eval_prompts),
+                      self.run_dir / "videos" / f"{tag}_sheet.png")
+        return [p for p in paths if p]
+
+    # ---- scored evaluation ----
+
+    def eval_due(self, iteration: int) -> bool:
+        every = self.cfg.eval.every
+        return bool(every) and ((iteration + 1) % every == 0 or iteration + 1 == self.cfg.train.iterations)
+
+    @torch.no_grad()
+    def evaluate(self, iteration: int) -> dict[str, float]:
+        """Deterministic ODE samples of every eval prompt x seed with the current policy (its EMA when it keeps one),
+        scored by the run's rewards: rows in eval.parquet, a captioned contact sheet, ``eval/...`` metrics."""
+        if not self.eval_set:
+            return {}
+        pairs = [(prompt, seed) for prompt in self.eval_set for seed in self.cfg.eval.seeds]
+        texts = [prompt.text for prompt, _ in pairs]
+        videos = self.workers.generate(texts, [seed for _, seed in pairs])
+        ids = list(range(len(pairs)))  # each video is its own group: a failed score drops that video only
+        scores = self.rewards.score(videos, texts, sample_ids=ids, group_ids=ids,
+                                    metadata=prompt_metadata([prompt for prompt, _ in pairs]))
+        aggregate = scores.aggregate
+        rows = []
+        for i, (text, (_, seed)) in enumerate(zip(texts, pairs)):
+            row = {"iteration": iteration, "prompt": text, "seed": seed, "reward": float(aggregate[i])}
+            row.update({f"reward/{name}": float(values[i]) for name, values in scores.raw.items()})
+            row.update({f"reward/{name}/{part}": float(values[i])
+                        for name, parts in scores.details.items() for part, values in parts.items()})
+            rows.append(row)
+        self.log.log_eval(rows)
+        first_seed = [i for i, (_, seed) in enumerate(pairs) if seed == self.cfg.eval.seeds[0]]
+        tag = "base" if iteration < 0 else f"iter{iteration + 1:06d}"
+        self.artefact("evaluation sheet", media.contact_sheet, [videos[i] for i in first_seed],
+                      [f"{texts[i]}  (reward {float(aggregate[i]):.3f})" for i in first_seed],
+                      self.run_dir / "videos" / f"eval_{tag}_sheet.png")
+        metrics = _mean_std("eval/reward", aggregate)
+        metrics.update({f"eval/{name}/mean": _mean_std("x", values)["x/mean"] for name, values in scores.raw.items()})
+        return metrics
+
+    def artefact(self, what: str, write, *args, **kwargs):
+        """Write an optional artefact (video, sheet, plot): a failure is a warning and an event, never the end of
+        the run. Returns what ``write`` returned, or None."""
+        try:
+            return write(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 -- any failure of an optional file must not stop training
+            message = f"could not write the {what}: {type(error).__name__}: {error}"
+            self.log.event("artefact_failed", what=what, error=f"{type(error).__name__}: {error}", message=message)
+            warnings.warn(message, stacklevel=2)
+            return None
 
     def plot(self) -> None:
         from mixgrpo.plots import plot_reward_curves
@@ -299,6 +363,17 @@ def _mean_std(prefix: str, values: torch.Tensor) -> dict[str, float]:
     finite = values[~values.isnan()]
     return {f"{prefix}/mean": float(finite.mean()) if finite.numel() else float("nan"),
             f"{prefix}/std": float(finite.std()) if finite.numel() > 1 else 0.0}
+
+
+def eval_prompt_set(cfg: ExperimentConfig) -> list[Prompt]:
+    """The scored evaluation's prompts: the toy world's held-out captions, or a prompt file."""
+    from mixgrpo.config import PromptConfig
+
+    if cfg.eval.prompts == "toy":
+        prompts = load_prompts(PromptConfig(source="toy"), eval=True)
+    else:
+        prompts = load_prompts(PromptConfig(source=cfg.eval.prompts))
+    return prompts[: cfg.eval.max_prompts] if cfg.eval.max_prompts else prompts
 
 
 def component_means(scores: ScoreTable) -> dict[str, float]:
