@@ -20,8 +20,8 @@ once, as if nothing happened, and ``on_event("worker_restarted", ...)`` records 
 ``rollout.recovery=stop`` (the default for FSDP, whose optimizer state is too large to copy every iteration) the
 run ends instead, with an event and an error that says to resume from the last checkpoint.
 
-Security: a local instance started here has no dashboard, binds to 127.0.0.1, and Ray >= 2.52 enables token
-authentication for it; nothing here turns that off. Only this library's own requests, tensors and results are
+Security: a local instance started here has no dashboard, and Ray >= 2.52 enables token authentication for it;
+nothing here turns that off. Only this library's own requests, tensors and results are
 (un)pickled. See docs/ray.md.
 """
 
@@ -70,8 +70,9 @@ def ensure_ray(num_cpus: int | None = None) -> str:
     """Join the cluster named by ``RAY_ADDRESS`` (``ray job submit`` sets it), else start a private local instance.
 
     Returns ``"connected"`` (already initialised), ``"joined"`` or ``"started"``. The local instance has no
-    dashboard and listens on 127.0.0.1 only; ``address="local"`` keeps it from silently joining another cluster
-    started on this machine.
+    dashboard; ``address="local"`` keeps it from silently joining another cluster started on this machine. Its GCS,
+    raylet and agents still listen on the node's address (Ray offers no loopback-only mode): token authentication,
+    on by default, is what refuses other clients (docs/ray.md, Security).
     """
     import ray
 
@@ -81,7 +82,7 @@ def ensure_ray(num_cpus: int | None = None) -> str:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return "joined"
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             configure_logging=False, _node_ip_address="127.0.0.1")
+             configure_logging=False)
     return "started"
 
 

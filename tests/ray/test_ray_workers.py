@@ -51,7 +51,7 @@ LAYOUTS = {"2x1": ["rollout.backend=ray", "rollout.num_workers=2"],
 @pytest.fixture(scope="module")
 def cluster():
     ray.init(address="local", num_cpus=CLUSTER_CPUS, include_dashboard=False, log_to_driver=False,
-             configure_logging=False, _node_ip_address="127.0.0.1")
+             configure_logging=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
