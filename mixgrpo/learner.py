@@ -1,10 +1,12 @@
 """The update step: recompute the log-probs of stored SDE steps under the current weights and apply clipped,
 group-relative updates (optionally with a KL penalty to a reference, LoRA through peft, and an EMA).
 
-One call to ``Learner.update`` consumes one rollout batch: the samples are shuffled and split into
-``optimizer_steps`` minibatches; each minibatch accumulates gradients over its micro-batches and over every trained
-step of the window before one optimizer step. The very first micro-batch is evaluated with the weights that produced
-the rollouts, so its probability ratio must be 1: it is logged as ``ratio/first_step`` (the on-policy check).
+One call to ``Learner.update`` consumes one rollout batch as an :class:`UpdatePlan` says: the samples are shuffled
+and split into ``optimizer_steps`` minibatches; each minibatch accumulates gradients over its micro-batches and over
+every trained step of the window before one optimizer step. With several workers, each trains on the samples it
+rolled out and the gradients are summed over every rank before the step, so every rank takes the step one process
+would. Every term of the first minibatch is evaluated with the weights that produced the rollouts, so its
+probability ratio must be 1: their mean is logged as ``ratio/first_step`` (the on-policy check).
 """
 
 from __future__ import annotations
