@@ -5,7 +5,8 @@
     mixgrpo toy-pretrain [--out FILE] [--steps N]
     mixgrpo report RUN [RUN ...] [--out DIR]
 
-With no CONFIG, ``train`` and ``sample`` use ``experiments/quickstart.yaml``: the embedded toy world on this machine.
+CONFIG is a shipped config's name (``quickstart``, ``osp_next_14b_videoalign``, ...; see ``mixgrpo/configs/``) or a
+YAML file. With no CONFIG, ``train`` and ``sample`` use ``quickstart``: the embedded toy world on this machine.
 """
 
 from __future__ import annotations
@@ -15,17 +16,11 @@ import os
 import sys
 from pathlib import Path
 
-from mixgrpo.config import ConfigError, load_config
-
-QUICKSTART = "quickstart.yaml"
-
+from mixgrpo.config import ConfigError, load_config, resolve_config
 
 def quickstart_path() -> Path:
-    """The quickstart config: from the repository checkout, or the copy shipped inside the package."""
-    repo_copy = Path(__file__).resolve().parent.parent / "experiments" / QUICKSTART
-    if repo_copy.is_file():
-        return repo_copy
-    return Path(__file__).resolve().parent / "configs" / QUICKSTART
+    """The quickstart config shipped inside the package."""
+    return resolve_config("quickstart")
 
 
 def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:

@@ -3,7 +3,7 @@
 Every section is validated when it is built, and every message names the field and says how to fix it. The
 resolved configuration is written into each run directory (``config.yaml``) and is what ``--resume`` reads back.
 
-    cfg = load_config("experiments/quickstart.yaml", ["train.iterations=10", "sampler.eta=0.5"])
+    cfg = load_config("quickstart", ["train.iterations=10", "sampler.eta=0.5"])   # a shipped config, or a path
 """
 
 from __future__ import annotations
@@ -439,11 +439,32 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+"""The experiment configs shipped inside the package (``mixgrpo train NAME``)."""
+
+
+def shipped_configs() -> list[str]:
+    """Names of the shipped configs (``quickstart``, ``osp_next_14b_videoalign``, ...)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config(name_or_path: str | Path) -> Path:
+    """A config file: ``name_or_path`` itself when it is a file, else the shipped config of that name."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = CONFIG_DIR / f"{path.name.removesuffix('.yaml')}.yaml"
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    raise ConfigError(f"config {str(name_or_path)!r} is neither a file nor a shipped config; shipped configs: "
+                      f"{', '.join(shipped_configs())} (or give a path to a YAML file)")
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """The config file or shipped config ``path`` (None: defaults only) with dotted ``key=value`` overrides."""
     values: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        _require(path.is_file(), f"config file {str(path)!r} does not exist; run without CONFIG for the quickstart")
+        path = resolve_config(path)
         loaded = yaml.safe_load(path.read_text()) or {}
         _require(isinstance(loaded, dict), f"config file {str(path)!r} must hold a mapping at the top level")
         values = loaded

@@ -29,16 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from mixgrpo.cli import quickstart_path
 from mixgrpo.config import load_config
 from mixgrpo.trainer import Trainer
-
-
-def config_path(name: str | None) -> Path:
-    if name is None:
-        return quickstart_path()
-    path = Path(name)
-    return path if path.is_file() else quickstart_path().parent / f"{name}.yaml"
 
 
 def overrides(args, gpus: int, prompts_file: Path) -> list[str]:
@@ -108,7 +100,7 @@ def _peak_memory(actor) -> dict[str, float]:
 def run_row(args, gpus: int, prompts_file: Path, out_dir: Path) -> dict:
     import ray
 
-    cfg = load_config(config_path(args.config), overrides(args, gpus, prompts_file))
+    cfg = load_config(args.config or "quickstart", overrides(args, gpus, prompts_file))
     tick = time.perf_counter()
     trainer = Trainer(cfg, run_dir=out_dir / f"gpus{gpus}")
     startup = time.perf_counter() - tick

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Submit a Mix-GRPO run to a running Ray cluster (see docs/ray.md).
 #
-#   RAY_ADDRESS=http://127.0.0.1:8265 experiments/launch/submit.sh experiments/wan1.3b_mixgrpo.yaml \
+#   RAY_ADDRESS=http://127.0.0.1:8265 experiments/launch/submit.sh wan1.3b_mixgrpo \
 #       rollout.num_workers=4 rollout.sp_size=2 --run-dir /shared/runs/wan13b
 #
 # The driver (controller + learner) needs a GPU: --entrypoint-num-gpus 1 places it on a GPU node and keeps the

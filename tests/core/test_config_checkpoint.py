@@ -103,7 +103,7 @@ def test_shipped_experiment_configs_load(tmp_path, name):
 
 def test_osp_next_recipe_numbers():
     """The OSP-Next recipe as the release code runs it (reference/osp_next.md section 5.2)."""
-    cfg = load_config(Path(quickstart_path()).parent / "osp_next_14b_videoalign.yaml",
+    cfg = load_config("osp_next_14b_videoalign",
                       ["policy.model_dir=x", "prompts.source=toy"])
     assert (cfg.learner.lora.rank, cfg.learner.lora.alpha) == (32, 64.0)
     assert (cfg.window.kind, cfg.window.start, cfg.window.size) == ("frozen", 0, 10)
@@ -112,7 +112,7 @@ def test_osp_next_recipe_numbers():
 
 
 def test_hif8_experiment_quantizes_rollout_and_learner_by_default():
-    path = Path(quickstart_path()).parent / "osp_next_14b_hif8_videoalign.yaml"
+    path = "osp_next_14b_hif8_videoalign"
     cfg = load_config(path, ["policy.model_dir=x", "prompts.source=toy"])
     assert cfg.policy.quantization == "hif8" and cfg.learner.mixed_precision == "bf16"
 

@@ -22,6 +22,6 @@ def test_submit_script_needs_a_config_and_a_cluster_address():
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     usage = subprocess.run(["bash", script], capture_output=True, text=True, env=env)
     assert usage.returncode == 2 and "usage:" in usage.stderr
-    no_address = subprocess.run(["bash", script, "experiments/quickstart.yaml"], capture_output=True, text=True,
+    no_address = subprocess.run(["bash", script, "quickstart"], capture_output=True, text=True,
                                 env=env)
     assert no_address.returncode != 0 and "set RAY_ADDRESS" in no_address.stderr
