@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -409,34 +410,125 @@ def config_from_dict(values: dict[str, Any]) -> ExperimentConfig:
     return _build(ExperimentConfig, values, "")
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for key in keys[:-1]:
-        child = node.setdefault(key, {})
-        _require(isinstance(child, dict), f"override {dotted}: {key} is not a section")
-        node = child
-    node[keys[-1]] = value
+def _split_override(item: str) -> tuple[list[str], str]:
+    key, sep, raw = item.partition("=")
+    _require(bool(sep) and bool(key.strip()), f"override {item!r} must look like section.key=value, e.g. "
+             "train.iterations=10")
+    return key.strip().split("."), raw
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """``["train.iterations=10", "rewards=[{name: toy_fidelity}]"]`` -> nested dict (values parsed as YAML)."""
-    tree: dict[str, Any] = {}
+    """``["train.iterations=10", "rewards=[{name: toy_fidelity}]"]`` -> nested dict, each value typed by its field
+    (see :func:`apply_overrides`, which also takes list indices such as ``rewards.0.weight=2``)."""
+    return apply_overrides({}, overrides, fill_defaults=False)
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str] | tuple[str, ...], *,
+                    fill_defaults: bool = True) -> dict[str, Any]:
+    """``values`` (a config as plain data, e.g. a YAML file's) with dotted ``key=value`` overrides applied in place.
+
+    A value is read by the type of the field it sets, not by YAML 1.1 alone: ``learner.mixed_precision=no`` stays
+    the string ``"no"`` (YAML would read False), ``policy.gradient_checkpointing=on`` is True, lists, mappings and
+    numbers are YAML. A list item is addressed by its index: ``rewards.0.weight=2``, ``learner.lora.targets.1=x``.
+    ``fill_defaults``: a section or list the values do not hold yet starts from its default (so ``rewards.0.weight``
+    works without a ``rewards:`` in the file).
+    """
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        _require(bool(sep) and bool(key), f"override {item!r} must look like section.key=value, e.g. train.iterations=10")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
-    return tree
+        keys, raw = _split_override(item)
+        node: Any = values
+        annotation: Any = ExperimentConfig
+        for depth, key in enumerate(keys):
+            where = ".".join(keys[: depth + 1])
+            last = depth == len(keys) - 1
+            if isinstance(node, list):
+                _require(key.lstrip("-").isdigit(), f"override {item}: {'.'.join(keys[:depth])} is a list; address "
+                         f"an item by its index, e.g. {'.'.join(keys[:depth])}.0")
+                index = int(key)
+                _require(0 <= index < len(node), f"override {item}: {'.'.join(keys[:depth])} has {len(node)} items "
+                         f"(indices 0..{len(node) - 1}); give the whole list instead, e.g. {keys[0]}=[...]")
+                child_type = _item_type(annotation)
+                if last:
+                    node[index] = _typed_value(raw, child_type, where)
+                else:
+                    node, annotation = node[index], child_type
+                continue
+            _require(isinstance(node, dict), f"override {item}: {'.'.join(keys[:depth])} is not a section")
+            child_type = _child_type(annotation, key, where)
+            if last:
+                node[key] = _typed_value(raw, child_type, where)
+            else:
+                if key not in node:
+                    node[key] = _default_plain(annotation, key) if fill_defaults else {}
+                    if node[key] is None or not isinstance(node[key], (dict, list)):
+                        node[key] = {}
+                node, annotation = node[key], child_type
+    return values
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+def _child_type(annotation: Any, key: str, where: str) -> Any:
+    if dataclasses.is_dataclass(annotation):
+        types = _field_types(annotation)
+        if key not in types:
+            known = [f.name for f in dataclasses.fields(annotation)]
+            hint = difflib.get_close_matches(key, known, n=1)
+            parent = where.rpartition(".")[0]
+            raise ConfigError(f"unknown config key {where}; " + (f"did you mean {_join(parent, hint[0])}?" if hint
+                              else f"valid keys: {', '.join(known)}"))
+        return types[key]
+    return Any  # inside a free-form mapping such as a reward's args
+
+
+def _item_type(annotation: Any) -> Any:
+    args = [a for a in typing.get_args(annotation) if typing.get_origin(a) is list or a is list]
+    target = args[0] if args else annotation
+    inner = typing.get_args(target)
+    return inner[0] if inner else Any
+
+
+def _default_plain(annotation: Any, key: str) -> Any:
+    """The default of field ``key`` of dataclass ``annotation`` as plain data (dicts and lists)."""
+    if not dataclasses.is_dataclass(annotation):
+        return {}
+    for f in dataclasses.fields(annotation):
+        if f.name == key:
+            if f.default_factory is not dataclasses.MISSING:
+                return _plain(_as_data(f.default_factory()))
+            if f.default is not dataclasses.MISSING:
+                return _plain(_as_data(f.default))
+    return {}
+
+
+def _as_data(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, list):
+        return [_as_data(v) for v in value]
+    return value
+
+
+_BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def _typed_value(raw: str, annotation: Any, where: str) -> Any:
+    """``raw`` read as the field's type wants it (see :func:`apply_overrides`)."""
+    text = raw.strip()
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    if type(None) in options and text in ("null", "~", "None"):
+        return None
+    if bool in options and text.lower() in _BOOLS:
+        return _BOOLS[text.lower()]
+    stringly = [o for o in options if o is str or (typing.get_origin(o) is Literal and
+                                                    all(isinstance(a, str) for a in typing.get_args(o)))]
+    if stringly and not text.startswith(("[", "{")):
+        return text  # a string field keeps the text as typed: no, on, off, 1e-4 ... stay strings
+    if not text:
+        return ""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {where}={raw}: not a valid value ({str(error).splitlines()[0]}); quote it or fix "
+                          "the brackets") from None
 
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -468,7 +560,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         loaded = yaml.safe_load(path.read_text()) or {}
         _require(isinstance(loaded, dict), f"config file {str(path)!r} must hold a mapping at the top level")
         values = loaded
-    return config_from_dict(_merge(values, parse_overrides(list(overrides))))
+    return config_from_dict(apply_overrides(values, list(overrides)))
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

@@ -24,7 +24,38 @@ def test_overrides_are_typed_and_nested():
     assert cfg.train.iterations == 7 and cfg.sampler.eta == 0.5
     assert cfg.rewards[0].name == "a" and cfg.rewards[0].weight == 2.0
     assert cfg.learner.lora.enabled is True
-    assert parse_overrides(["a.b.c=1"]) == {"a": {"b": {"c": 1}}}
+    assert parse_overrides(["learner.lora.rank=4"]) == {"learner": {"lora": {"rank": 4}}}
+
+
+@pytest.mark.parametrize("override, field, expected", [
+    ("learner.mixed_precision=no", ("learner", "mixed_precision"), "no"),       # YAML 1.1 would read False
+    ("policy.quantization=none", ("policy", "quantization"), "none"),
+    ("policy.gradient_checkpointing=on", ("policy", "gradient_checkpointing"), True),
+    ("policy.gradient_checkpointing=off", ("policy", "gradient_checkpointing"), False),
+    ("name=off", ("name",), "off"),
+    ("policy.weights=null", ("policy", "weights"), None),
+    ("learner.lr=1e-4", ("learner", "lr"), 1e-4),                                 # YAML 1.1 reads a string here
+    ("rewards.0.weight=2", ("rewards", 0, "weight"), 2.0),
+    ("learner.lora.targets.1=self_attn.o", ("learner", "lora", "targets", 1), "self_attn.o"),
+    ("eval.seeds=[5, 6]", ("eval", "seeds"), [5, 6]),
+])
+def test_overrides_are_read_by_the_type_of_their_field(override, field, expected):
+    value = load_config("quickstart", [override])
+    for key in field:
+        value = value[key] if isinstance(key, int) else getattr(value, key)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rewards.3.weight=1", r"rewards has 1 items \(indices 0..0\); give the whole list"),
+    ("rewards.x.weight=1", r"rewards is a list; address an item by its index, e.g. rewards.0"),
+    ("learner.lrr=1", r"unknown config key learner.lrr; did you mean learner.lr\?"),
+    ("learner.lr=[1", r"override learner.lr=\[1: not a valid value"),
+    ("train.iterations.x=1", r"train.iterations is not a section"),
+])
+def test_bad_overrides_say_which_and_how_to_fix(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("quickstart", [override])
 
 
 @pytest.mark.parametrize(
