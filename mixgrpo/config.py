@@ -90,9 +90,11 @@ class SamplerConfig:
     """The mixed SDE/ODE sampler."""
 
     num_steps: int = 10
+    """Denoising steps of one rollout (the last one, to sigma 0, is always ODE)."""
     shift: float = 1.0
     """Time shift of the sigma schedule (Wan / OSP-Next RL uses 7.5 at 720P)."""
     guidance_scale: float = 2.0
+    """Classifier-free guidance scale; 1.0 (or 0) samples without CFG (half the model calls)."""
     eta: float = 0.7
     """SDE noise level (Flow-GRPO sigma_t = eta * sqrt(sigma / (1 - sigma)))."""
     sde_kind: Literal["flow_grpo", "dance_grpo", "osp_next", "cps"] = "flow_grpo"
@@ -115,14 +117,17 @@ class WindowConfig:
     """Which denoising steps are SDE (and trained) at each iteration."""
 
     kind: Literal["progressive", "frozen", "random", "decay", "exp_decay"] = "progressive"
+    """How the window moves: progressive (MixGRPO), frozen (fixed at start), random, decay or exp_decay."""
     size: int = 4
     """Window size w: SDE steps per rollout. Set it to sampler.num_steps for DanceGRPO-style SDE everywhere."""
     start: int = 0
+    """First SDE step of the window (frozen: where it stays)."""
     shift_interval: int = 25
     """tau: iterations between window moves (progressive)."""
     stride: int = 1
     """s: steps the window moves each time (progressive)."""
     roll_back: bool = True
+    """progressive: restart at step 0 after reaching the last step."""
     max_shift_interval: int = 10
     """decay: tau at the first window position."""
     min_shift_interval: int = 1
@@ -130,6 +135,7 @@ class WindowConfig:
     decay_rate: float = 0.1
     """exp_decay: k in tau(l) = ceil(tau0 * exp(-k * relu(l - threshold)))."""
     decay_threshold: int = 13
+    """exp_decay: the window position after which the interval starts to shrink."""
     train_fraction: float = 1.0
     """Fraction of the window's steps trained (DanceGRPO trains a random 60% of all steps)."""
 
@@ -142,12 +148,16 @@ class WindowConfig:
 
 @dataclass(kw_only=True)
 class AdvantageConfig:
+    """Group-relative advantages from the rewards."""
+
     std: Literal["group", "global"] = "group"
     """Normalise by the std of each prompt group (MixGRPO, DanceGRPO) or of the whole batch (Flow-GRPO)."""
     aggregation: Literal["advantage", "reward"] = "advantage"
     """Combine rewards after (``advantage``) or before (``reward``) normalisation."""
     clip: float = 5.0
+    """Advantages are clipped to [-clip, clip]."""
     eps: float = 1e-4
+    """Added to the standard deviation before dividing (a group of equal rewards gets advantage 0)."""
 
     def __post_init__(self) -> None:
         _require(self.clip > 0, f"advantages.clip must be > 0, got {self.clip}")
@@ -155,11 +165,17 @@ class AdvantageConfig:
 
 @dataclass(kw_only=True)
 class LoraConfig:
+    """LoRA adapters (peft) instead of full fine-tuning."""
+
     enabled: bool = False
+    """Train LoRA adapters (peft) instead of all weights."""
     rank: int = 32
+    """LoRA rank r."""
     alpha: float = 64.0
+    """LoRA alpha (the adapter is scaled by alpha / r)."""
     targets: list[str] = field(default_factory=lambda: ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
                                                          "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o"])
+    """Module names (suffixes) that get adapters."""
 
     def __post_init__(self) -> None:
         _require(self.rank >= 1, f"learner.lora.rank must be >= 1, got {self.rank}")
@@ -167,18 +183,28 @@ class LoraConfig:
 
 @dataclass(kw_only=True)
 class LearnerConfig:
+    """The update: optimizer, clipped objective, KL, EMA, precision, sharding and LoRA."""
+
     lr: float = 3e-4
+    """AdamW learning rate."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
     weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
     adam_eps: float = 1e-8
+    """AdamW epsilon."""
     grad_clip: float = 1.0
+    """Gradients are clipped to this total norm before every optimizer step."""
     optimizer_steps: int = 2
     """Optimizer steps per rollout batch (the batch is split into this many minibatches)."""
     micro_batch_size: int = 8
     """Samples per forward/backward pass while recomputing log-probs."""
     clip_range: float = 1e-3
+    """PPO clip range of the probability ratio (Flow-GRPO / OSP-Next use 1e-4 .. 1e-3)."""
     kl_coeff: float = 0.0
+    """Weight of the KL penalty to the reference policy (0: no KL term)."""
     kl_reference: Literal["lora_disabled", "frozen_copy"] = "lora_disabled"
+    """The KL reference: the model with its LoRA adapters switched off, or a frozen copy of the base."""
     ema_decay: float = 0.0
     """0 disables the EMA of trainable weights."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
@@ -205,10 +231,16 @@ class LearnerConfig:
 
 @dataclass(kw_only=True)
 class RolloutConfig:
+    """Where and how rollouts are sampled (and, on Ray, where the update runs)."""
+
     backend: Literal["local", "ray"] = "local"
+    """local: sample and learn in this process; ray: on worker groups of a Ray cluster (docs/ray.md)."""
     num_workers: int = 1
+    """ray: worker groups; each samples and trains on its share of the prompt groups."""
     sp_size: int = 1
+    """ray: GPUs per worker group, sharding each video (SSP x Ulysses); they must be on one node."""
     prompts_per_iteration: int = 4
+    """Prompt groups sampled each iteration."""
     group_size: int = 4
     """Videos per prompt (the GRPO group); they share their initial noise."""
     batch_size: int = 16
@@ -234,18 +266,26 @@ class RolloutConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
+    """The run: length, seed, device, checkpoints, videos and failure handling."""
+
     iterations: int = 40
+    """Iterations (rollout, score, update) of the run."""
     seed: int = 0
+    """Seed of every random draw of the run (prompts, noise, minibatches)."""
     device: str = "auto"
     """``auto`` (cuda if available), ``cpu``, ``cuda``, ``cuda:1`` ..."""
     threads: int = 0
     """torch CPU threads (0: torch's default)."""
     checkpoint_every: int = 10
+    """Write a checkpoint every N iterations (and after the last)."""
     keep_checkpoints: int = 2
+    """Keep the newest N checkpoints."""
     video_every: int = 0
     """Write sample mp4s every N iterations (0: only at the start and the end)."""
     num_videos: int = 4
+    """Held-out prompts sampled as mp4s and a contact sheet at the start and the end."""
     on_reward_error: Literal["raise", "drop"] = "raise"
+    """A reward that fails: raise (stop the run) or drop the groups of the failed samples."""
     reward_timeout_s: float = 600.0
     """Seconds each reward call may take (0: no limit); a slower call is a reward failure, handled by
     ``on_reward_error``."""
@@ -296,11 +336,13 @@ class EvalConfig:
 @dataclass(kw_only=True)
 class ExperimentConfig:
     name: str = "experiment"
+    """The run's name: its default run directory is runs/<name>."""
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     window: WindowConfig = field(default_factory=WindowConfig)
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(name="toy_fidelity")])
+    """The rewards and their weights (each a RewardSpec: name, weight, args, backend)."""
     advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

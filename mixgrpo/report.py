@@ -108,8 +108,8 @@ def report_runs(
     return {"summary": summary, "out_dir": out, "files": files, "varying": runset.varying, "events": events}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mixgrpo report", description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments of `mixgrpo report` (shared by this module's parser and the `mixgrpo` command line)."""
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories (config.yaml, metrics.parquet, ...)")
     parser.add_argument("--out", default=None, help="folder for plots and tables (default: RUN/report)")
     parser.add_argument("--fraction", type=float, default=0.25,
@@ -118,9 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_parser() -> argparse.ArgumentParser:
+    return add_arguments(argparse.ArgumentParser(prog="mixgrpo report", description=__doc__.splitlines()[0]))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `mixgrpo report`; returns the exit status (0 ok, 2 bad input)."""
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """`mixgrpo report` on parsed arguments."""
     console = Console()
     try:
         result = report_runs(args.runs, args.out, fraction=args.fraction, window=args.window)

@@ -37,8 +37,11 @@ class WanPolicyConfig:
     vae_path: str | None = None
     """The AutoencoderKLWan folder; overrides model_dir."""
     num_frames: int = 81
+    """Frames per video (Wan: 4n + 1, e.g. 33 or 81)."""
     height: int = 720
+    """Video height in pixels (a multiple of 16; 480 or 720 for Wan2.1)."""
     width: int = 1280
+    """Video width in pixels (a multiple of 16; 832 or 1280 for Wan2.1)."""
     layout: str | list[str] | None = None
     """OSP-Next attention layout override ("full", "dual_end" or one kind per block); None keeps the checkpoint's."""
     num_full_blocks: int | None = None

@@ -80,11 +80,17 @@ class RewardSpec:
     """
 
     name: str
+    """The reward's registry name (rewards.available())."""
     weight: float = 1.0
+    """Weight in the aggregate reward."""
     args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the reward's constructor (checkpoints, ...)."""
     backend: Literal["local", "ray"] = "local"
+    """Where the reward runs: local (a background thread of the driver) or ray (its own Ray actor)."""
     num_gpus: float = 0.0
+    """backend=ray: GPUs of the reward's actor (a fraction shares a GPU)."""
     num_cpus: float = 1.0
+    """backend=ray: CPUs of the reward's actor."""
 
     def __post_init__(self) -> None:
         where = f"rewards[{self.name!r}]"
