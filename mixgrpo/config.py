@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 
 from policies.wan import WanPolicyConfig
+from mixgrpo.tracking import TrackingConfig
 from rewards.ensemble import RewardSpec  # one spec for configs and the scoring service: name, weight, args, backend
 
 
@@ -348,6 +349,7 @@ class ExperimentConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         _require(len(self.rewards) >= 1, "rewards: give at least one reward, e.g. rewards=[{name: toy_fidelity}]")

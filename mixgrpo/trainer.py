@@ -24,6 +24,7 @@ from mixgrpo.config import ConfigError, ExperimentConfig, dump_config
 from mixgrpo.learner import UpdatePlan, plan_update
 from mixgrpo.rollout import RolloutRequest, RolloutResult, generate, group_seed
 from mixgrpo.runlog import RunLog
+from mixgrpo.tracking import build_trackers, console_line, stdout_is_terminal, warn_tracker_failure
 from mixgrpo.window import build_window_scheduler
 from mixgrpo import media
 from mixgrpo.policy_factory import build_policy, check_parallel_degrees
@@ -56,6 +57,10 @@ def check_resume_config(cfg: ExperimentConfig, run_dir: Path) -> None:
         raise ConfigError(f"--resume with a config that differs from the run's {written}: {shown}"
                           f"{' ...' if len(changed) > 5 else ''}. Resume without CONFIG or overrides (the run's own "
                           "config is used), change only train.iterations, or start a new --run-dir")
+
+
+EVAL_VIDEOS_TRACKED = 4
+"""Evaluation videos written as mp4 and sent to the trackers at each evaluation (the first prompts, first seed)."""
 
 
 class PromptSampler:
@@ -104,6 +109,10 @@ class Trainer:
         self.failure_streak = FailureStreak(cfg.train.max_failed_iterations)
         self.start_iteration = self._restore() if resume else 0
         self.log.write_config(cfg.to_dict())
+        self.trackers = build_trackers(cfg.tracking, self.run_dir, run_name=cfg.name, config=cfg.to_dict(),
+                                       resume_step=self.start_iteration if resume else None,
+                                       on_error=self._tracker_failed)
+        self.console = cfg.tracking.console_every if not stdout_is_terminal() else 0
 
     def _build_workers(self):
         if self.cfg.rollout.backend == "ray":
@@ -127,8 +136,9 @@ class Trainer:
 
     def run(self) -> Path:
         cfg = self.cfg
+        # The bar only on a terminal; logs (Ray jobs, nohup) get one compact line every tracking.console_every.
         bar = tqdm(range(self.start_iteration, cfg.train.iterations), desc="mix-grpo", unit="it",
-                   initial=self.start_iteration, total=cfg.train.iterations)
+                   initial=self.start_iteration, total=cfg.train.iterations, disable=None if self.console else False)
         try:
             if self.start_iteration == 0:
                 self.write_videos("start")
@@ -141,6 +151,7 @@ class Trainer:
                     metrics.update(self.evaluate(iteration))
                 self.log.log_metrics(metrics)
                 self.log.log_samples(samples)
+                self.report(iteration, metrics)
                 self.window.advance()
                 if (iteration + 1) % cfg.train.checkpoint_every == 0 or iteration + 1 == cfg.train.iterations:
                     self.checkpoint(iteration + 1)
@@ -330,9 +341,16 @@ class Trainer:
         self.log.log_eval(rows)
         first_seed = [i for i, (_, seed) in enumerate(pairs) if seed == self.cfg.eval.seeds[0]]
         tag = "base" if iteration < 0 else f"iter{iteration + 1:06d}"
-        self.artefact("evaluation sheet", media.contact_sheet, [videos[i] for i in first_seed],
-                      [f"{texts[i]}  (reward {float(aggregate[i]):.3f})" for i in first_seed],
-                      self.run_dir / "videos" / f"eval_{tag}_sheet.png")
+        sheet = self.artefact("evaluation sheet", media.contact_sheet, [videos[i] for i in first_seed],
+                              [f"{texts[i]}  (reward {float(aggregate[i]):.3f})" for i in first_seed],
+                              self.run_dir / "videos" / f"eval_{tag}_sheet.png")
+        step = max(iteration, 0)
+        self.trackers.log_image("eval/sheet", sheet, step)
+        for i in first_seed[:EVAL_VIDEOS_TRACKED]:
+            path = self.artefact("evaluation video", media.write_mp4,
+                                 self.run_dir / "videos" / f"eval_{tag}_{i:02d}_{media_slug(texts[i])}.mp4",
+                                 videos[i], fps=4, layout="TCHW")
+            self.trackers.log_video(f"eval/video_{i:02d}", path, step, caption=f"{texts[i]} ({float(aggregate[i]):.3f})")
         metrics = _mean_std("eval/reward", aggregate)
         metrics.update({f"eval/{name}/mean": _mean_std("x", values)["x/mean"] for name, values in scores.raw.items()})
         return metrics
@@ -348,14 +366,29 @@ class Trainer:
             warnings.warn(message, stacklevel=2)
             return None
 
-    def plot(self) -> None:
+    def report(self, iteration: int, metrics: dict[str, float]) -> None:
+        """Every metrics column to the trackers; the console line when stdout is not a terminal."""
+        self.trackers.log_scalars(metrics, step=iteration)
+        if self.trackers.trackers and self.eval_due(iteration):  # the reward curve so far, with the evaluation
+            self.trackers.log_image("reward_curve", self.artefact("reward curve", self.plot), iteration)
+        if self.console and ((iteration + 1) % self.console == 0 or iteration + 1 == self.cfg.train.iterations):
+            print(console_line(metrics, total=self.cfg.train.iterations), flush=True)
+
+    def _tracker_failed(self, name: str, error: BaseException) -> None:
+        message = warn_tracker_failure(name, error)
+        self.log.event("tracker_failed", tracker=name, error=f"{type(error).__name__}: {error}", message=message)
+
+    def plot(self) -> Path:
         from mixgrpo.plots import plot_reward_curves
         from mixgrpo.analysis import load_run
 
-        plot_reward_curves([load_run(self.run_dir)], self.run_dir / "reward_curve.png")
+        return plot_reward_curves([load_run(self.run_dir)], self.run_dir / "reward_curve.png")
 
     def close(self) -> None:
         self.workers.shutdown()
+        trackers = getattr(self, "trackers", None)
+        if trackers is not None:
+            trackers.close()
         self.log.close()
 
 
