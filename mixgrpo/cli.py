@@ -163,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: the trainer already freed its workers
+        how = f" ({interrupt})" if str(interrupt) else ""
+        print(f"mixgrpo: interrupted{how}; continue with --resume and the same --run-dir", file=sys.stderr)
+        return 130
     except ConfigError as error:
         print(f"mixgrpo: config error: {error}", file=sys.stderr)
         return 2
