@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -81,6 +82,8 @@ class PromptConfig:
     """Prompts for the sample videos; default: the toy world's held-out captions, or the training prompts."""
 
     def __post_init__(self) -> None:
+        if self.eval_source not in (None, "toy"):
+            _require(Path(self.eval_source).is_file(), f"prompts.eval_source: no such prompt file {self.eval_source!r}")
         if self.source != "toy":
             _require(Path(self.source).is_file(), f"prompts.source: no such prompt file {self.source!r}; "
                      "give a text file with one prompt per line, a .jsonl file, or 'toy'")
@@ -108,7 +111,10 @@ class SamplerConfig:
     def __post_init__(self) -> None:
         _require(self.num_steps >= 2, f"sampler.num_steps must be >= 2, got {self.num_steps}")
         _require(self.shift > 0, f"sampler.shift must be > 0, got {self.shift}")
-        _require(self.eta >= 0, f"sampler.eta must be >= 0, got {self.eta}")
+        # Above 1 the SDE's injected noise outgrows the flow it perturbs and rollouts diverge (eta=5 or 1e6 end in
+        # latents far outside the data range); the peers use 0.3 (DanceGRPO) to 1.0 (OSP-Next).
+        _require(0 <= self.eta <= 1, f"sampler.eta must be in [0, 1] (Flow-GRPO 0.7, DanceGRPO 0.3, OSP-Next 1.0), "
+                 f"got {self.eta}")
         _require(self.guidance_scale >= 0, f"sampler.guidance_scale must be >= 0 (1.0 or 0 disables CFG), got {self.guidance_scale}")
         _require(0 < self.post_window_ratio <= 1, f"sampler.post_window_ratio must be in (0, 1], got {self.post_window_ratio}")
 
@@ -145,6 +151,12 @@ class WindowConfig:
         _require(self.start >= 0, f"window.start must be >= 0, got {self.start}")
         _require(self.shift_interval >= 1, f"window.shift_interval must be >= 1, got {self.shift_interval}")
         _require(0 < self.train_fraction <= 1, f"window.train_fraction must be in (0, 1], got {self.train_fraction}")
+        _require(self.stride >= 0, f"window.stride must be >= 0 (0 freezes the window), got {self.stride}")
+        _require(1 <= self.min_shift_interval <= self.max_shift_interval,
+                 f"window.min_shift_interval ({self.min_shift_interval}) must be in [1, window.max_shift_interval="
+                 f"{self.max_shift_interval}]")
+        _require(self.decay_rate >= 0, f"window.decay_rate must be >= 0, got {self.decay_rate}")
+        _require(self.decay_threshold >= 0, f"window.decay_threshold must be >= 0, got {self.decay_threshold}")
 
 
 @dataclass(kw_only=True)
@@ -162,6 +174,8 @@ class AdvantageConfig:
 
     def __post_init__(self) -> None:
         _require(self.clip > 0, f"advantages.clip must be > 0, got {self.clip}")
+        # A negative eps can make the std denominator negative, which flips every advantage: training runs backwards.
+        _require(self.eps > 0, f"advantages.eps must be > 0 (it keeps the std denominator positive), got {self.eps}")
 
 
 @dataclass(kw_only=True)
@@ -180,6 +194,9 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         _require(self.rank >= 1, f"learner.lora.rank must be >= 1, got {self.rank}")
+        _require(self.alpha > 0, f"learner.lora.alpha must be > 0, got {self.alpha}")
+        _require(bool(self.targets), "learner.lora.targets is empty; name the modules that get adapters, e.g. "
+                 "[self_attn.q, self_attn.k, self_attn.v, self_attn.o]")
 
 
 @dataclass(kw_only=True)
@@ -220,6 +237,12 @@ class LearnerConfig:
             self.lora = _build(LoraConfig, self.lora, "learner.lora")
         self.betas = tuple(self.betas)  # YAML gives lists
         _require(self.lr > 0, f"learner.lr must be > 0, got {self.lr}")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                 f"learner.betas must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {list(self.betas)}")
+        _require(self.weight_decay >= 0, f"learner.weight_decay must be >= 0, got {self.weight_decay}")
+        _require(self.adam_eps > 0, f"learner.adam_eps must be > 0, got {self.adam_eps}")
+        # A negative max norm makes clip_grad_norm_ scale gradients by a negative factor: the update runs backwards.
+        _require(self.grad_clip > 0, f"learner.grad_clip must be > 0 (the max gradient norm), got {self.grad_clip}")
         _require(self.optimizer_steps >= 1, f"learner.optimizer_steps must be >= 1, got {self.optimizer_steps}")
         _require(self.micro_batch_size >= 1, f"learner.micro_batch_size must be >= 1, got {self.micro_batch_size}")
         _require(self.clip_range > 0, f"learner.clip_range must be > 0, got {self.clip_range}")
@@ -298,6 +321,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require(self.iterations >= 1, f"train.iterations must be >= 1, got {self.iterations}")
+        _require(self.threads >= 0, f"train.threads must be >= 0 (0: torch's default), got {self.threads}")
+        _require(self.num_videos >= 0, f"train.num_videos must be >= 0, got {self.num_videos}")
+        _require(_is_device(self.device), f"train.device {self.device!r} is not a device; use auto, cpu, cuda or "
+                 "cuda:N")
         _require(self.sample_videos_per_iteration >= 0,
                  f"train.sample_videos_per_iteration must be >= 0, got {self.sample_videos_per_iteration}")
         _require(self.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
@@ -352,6 +379,10 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
+        # The name is a folder under runs/: one path component, no way out of it.
+        _require(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name)) and ".." not in self.name,
+                 f"name {self.name!r} must be letters, digits, '.', '_' or '-' (it names the folder runs/<name>); "
+                 "use --run-dir for another place")
         _require(len(self.rewards) >= 1, "rewards: give at least one reward, e.g. rewards=[{name: toy_fidelity}]")
         names = [r.name for r in self.rewards]
         _require(len(set(names)) == len(names), f"rewards: names must be unique, got {names}")
@@ -392,6 +423,17 @@ class ExperimentConfig:
 
 # ---- building dataclasses from plain dicts, with helpful errors ----
 
+def _is_device(name: str) -> bool:
+    import torch
+
+    if name == "auto":
+        return True
+    try:
+        return torch.device(name).type in ("cpu", "cuda")
+    except (RuntimeError, TypeError, ValueError):
+        return False
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -418,10 +460,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be a number, got {value!r}") from None
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if annotation is int and isinstance(value, float) and value.is_integer():
-        return int(value)
     if annotation in (int, float):
         _require(isinstance(value, (int, float)) and not isinstance(value, bool), f"{where} must be a number, got {value!r}")
+        _require(math.isfinite(value), f"{where} must be a finite number, got {value!r}")
+    if annotation is int:
+        _require(float(value).is_integer(), f"{where} must be an integer, got {value!r}")
+        return int(value)
     if annotation is bool:
         _require(isinstance(value, bool), f"{where} must be true or false, got {value!r}")
     return value
@@ -601,7 +645,13 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     values: dict[str, Any] = {}
     if path is not None:
         path = resolve_config(path)
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML ({getattr(error, 'problem', error)} "
+                              f"at{where}); fix the file or print a valid one with `mixgrpo config`") from None
         _require(isinstance(loaded, dict), f"config file {str(path)!r} must hold a mapping at the top level")
         values = loaded
     return config_from_dict(apply_overrides(values, list(overrides)))

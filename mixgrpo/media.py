@@ -76,6 +76,21 @@ def to_uint8(frames_THWC: np.ndarray) -> np.ndarray:
     return np.round(frames_THWC * 255.0).astype(np.uint8)
 
 
+def mp4_writer_missing() -> str | None:
+    """None when mp4s can be written here, else why not (imageio's ffmpeg plugin, imageio-ffmpeg, is absent)."""
+    import importlib.util
+
+    if importlib.util.find_spec("imageio_ffmpeg") is None:
+        return "imageio's ffmpeg plugin is not installed (pip install imageio-ffmpeg)"
+    try:
+        import imageio_ffmpeg
+
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except Exception as error:  # noqa: BLE001 -- any failure to find the binary means no mp4s
+        return f"imageio-ffmpeg finds no ffmpeg binary ({error})"
+    return None
+
+
 def write_mp4(path: str | os.PathLike, video: Any, fps: float, *, layout: str | None = None) -> Path:
     """Write a float [0, 1] video as an H.264 mp4 that browsers play (yuv420p), atomically. Returns the path.
 

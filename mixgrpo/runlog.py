@@ -77,6 +77,52 @@ SAMPLES_FILE = "samples.parquet"
 EVAL_FILE = "eval.parquet"
 EVENTS_FILE = "events.jsonl"
 
+MARKER_FILE = ".mixgrpo-run"
+"""Written into every run directory: a folder without it (and without metrics.parquet) is never written into."""
+LOCK_FILE = ".lock"
+CONFIG_SUM_FILE = "config.sha256"
+
+
+class RunDirectoryInUse(RuntimeError):
+    """Another live process holds the run directory's lock."""
+
+
+def is_run_directory(path: Path) -> bool:
+    return (path / MARKER_FILE).is_file() or (path / METRICS_FILE).is_file()
+
+
+def _acquire_lock(run_dir: Path) -> int:
+    """An exclusive lock on ``run_dir/.lock`` held until the returned descriptor is closed (or the process dies:
+    the kernel releases a dead process's lock, so a stale lock file is simply taken over)."""
+    import fcntl
+    import socket
+
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise RunDirectoryInUse(f"run directory {run_dir} is in use by {holder}; wait for that run to end, or pick "
+                                "another --run-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()} since "
+                  f"{dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}\n".encode(), 0)
+    return fd
+
+
+def config_checksum(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def check_config_unchanged(run_dir: Path) -> None:
+    """Raise ValueError when ``run_dir/config.yaml`` no longer matches the checksum written when the run started."""
+    config, stored = run_dir / CONFIG_FILE, run_dir / CONFIG_SUM_FILE
+    if config.is_file() and stored.is_file() and config_checksum(config.read_text("utf-8")) != stored.read_text().strip():
+        raise ValueError(f"{config} was edited after the run started (it no longer matches {CONFIG_SUM_FILE}); a "
+                         "resumed run keeps its configuration: undo the edit, or start a new --run-dir with it")
+
+
 SAMPLE_INT_COLUMNS = ("iteration", "group", "seed", "sample")
 SAMPLE_REQUIRED = (*SAMPLE_INT_COLUMNS, "prompt", "reward", "advantage")
 SAMPLE_STR_DEFAULTS = {"video_path": ""}
@@ -193,7 +239,14 @@ class RunLog:
 
     def __init__(self, run_dir: str | os.PathLike, *, resume: bool = False) -> None:
         self.run_dir = Path(run_dir)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ValueError(f"run directory {self.run_dir} is a file; give --run-dir a folder (new or a run's)")
+        if self.run_dir.is_dir() and any(self.run_dir.iterdir()) and not is_run_directory(self.run_dir):
+            raise ValueError(f"{self.run_dir} is not empty and is not a mixgrpo run directory (no {MARKER_FILE}); "
+                             "nothing in it is touched: pick a new or empty --run-dir")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = _acquire_lock(self.run_dir)
+        (self.run_dir / MARKER_FILE).touch()
         (self.run_dir / "videos").mkdir(exist_ok=True)
         (self.run_dir / "checkpoints").mkdir(exist_ok=True)
         self._metric_rows: list[dict[str, Any]] = []
@@ -205,10 +258,9 @@ class RunLog:
         if resume:
             self._load_existing()
         elif self._existing_rows():
-            raise ValueError(
-                f"run_dir {self.run_dir} already holds logged iterations; pass resume=True to continue that run "
-                "or choose a new run directory (--run-dir)"
-            )
+            self.close()
+            raise ValueError(f"run directory {self.run_dir} already holds a run's iterations; continue it with "
+                             "--resume, or pick another --run-dir")
         # samples first: a reader that found metrics.parquet then finds samples.parquet too.
         self._write_samples()
         self._write_metrics()
@@ -245,6 +297,8 @@ class RunLog:
         text = yaml.safe_dump(plain_config(config), sort_keys=False, allow_unicode=True)
         with atomic_path(self.run_dir / CONFIG_FILE) as tmp:
             tmp.write_text(text, encoding="utf-8")
+        with atomic_path(self.run_dir / CONFIG_SUM_FILE) as tmp:  # --resume refuses a config.yaml edited later
+            tmp.write_text(config_checksum(text) + "\n")
 
     def log_metrics(self, row: Mapping[str, Any]) -> None:
         """Append one iteration's metrics and rewrite metrics.parquet. `row["iteration"]` is required."""
@@ -345,9 +399,11 @@ class RunLog:
         self._write_samples()
         if (self.run_dir / EVAL_FILE).exists():
             self._write_eval()
+        root = self.run_dir.resolve()
         for row in dropped:
-            if row.get("video_path"):
-                (self.run_dir / row["video_path"]).unlink(missing_ok=True)
+            target = (self.run_dir / row["video_path"]).resolve() if row.get("video_path") else None
+            if target is not None and target.is_relative_to(root):  # never delete outside the run directory
+                target.unlink(missing_ok=True)
         self.event(
             "truncate",
             after_iteration=iteration,
@@ -356,8 +412,11 @@ class RunLog:
         )
 
     def close(self) -> None:
-        """Mark the log closed; files are already complete on disk after every call."""
+        """Mark the log closed and release the run directory; files are already complete on disk after every call."""
         self._closed = True
+        if getattr(self, "_lock", None) is not None:
+            os.close(self._lock)  # releases the lock
+            self._lock = None
 
     def __enter__(self) -> RunLog:
         return self

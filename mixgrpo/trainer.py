@@ -23,11 +23,12 @@ from mixgrpo.checkpoint import load_latest_checkpoint, save_checkpoint
 from mixgrpo.config import ConfigError, ExperimentConfig, dump_config
 from mixgrpo.learner import UpdatePlan, plan_update
 from mixgrpo.rollout import RolloutRequest, RolloutResult, generate, group_seed
-from mixgrpo.runlog import RunLog
+from mixgrpo.runlog import RunLog, check_config_unchanged
 from mixgrpo.tracking import build_trackers, console_line, stdout_is_terminal, warn_tracker_failure
 from mixgrpo.window import build_window_scheduler
 from mixgrpo import media
-from mixgrpo.policy_factory import build_policy, check_parallel_degrees
+from mixgrpo.policy_factory import build_policy
+from mixgrpo.preflight import validate_experiment
 from mixgrpo.prompts import Prompt, load_prompts, prompt_metadata
 from mixgrpo.worker import LocalWorkers, resolve_device
 from rewards.ensemble import RewardError, RewardSet, ScoreTable
@@ -49,6 +50,7 @@ def check_resume_config(cfg: ExperimentConfig, run_dir: Path) -> None:
     written = run_dir / "config.yaml"
     if not written.is_file():
         return
+    check_config_unchanged(run_dir)
     before = _flatten(yaml.safe_load(written.read_text()) or {})
     now = _flatten(yaml.safe_load(dump_config(cfg)))
     changed = sorted(k for k in before.keys() | now.keys() if k != "train.iterations" and before.get(k) != now.get(k))
@@ -92,7 +94,7 @@ class PromptSampler:
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, *, run_dir: Path, resume: bool = False) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        check_parallel_degrees(cfg)  # before any model loads
+        notes = validate_experiment(cfg)  # before the run directory is made or any model loads
         if resume:
             check_resume_config(cfg, self.run_dir)
         if cfg.train.threads > 0:
@@ -103,15 +105,23 @@ class Trainer:
         self.prompts = PromptSampler(load_prompts(cfg.prompts), cfg.train.seed)
         self.eval_prompts = [p.text for p in load_prompts(cfg.prompts, eval=True)][: cfg.train.num_videos]
         self.eval_set = eval_prompt_set(cfg) if cfg.eval.every else []
-        self.log = RunLog(self.run_dir, resume=resume)
-        self.workers = self._build_workers()
-        self.rewards = self._build_rewards()
-        self.failure_streak = FailureStreak(cfg.train.max_failed_iterations)
-        self.start_iteration = self._restore() if resume else 0
-        self.log.write_config(cfg.to_dict())
-        self.trackers = build_trackers(cfg.tracking, self.run_dir, run_name=cfg.name, config=cfg.to_dict(),
-                                       resume_step=self.start_iteration if resume else None,
-                                       on_error=self._tracker_failed)
+        self.log = RunLog(self.run_dir, resume=resume)  # holds the run directory's lock until close()
+        try:
+            self.mp4 = not notes  # the only note today: no mp4 encoder here
+            for note in notes:
+                warnings.warn(note, stacklevel=2)
+                self.log.event("artefact_skipped", message=note)
+            self.workers = self._build_workers()
+            self.rewards = self._build_rewards()
+            self.failure_streak = FailureStreak(cfg.train.max_failed_iterations)
+            self.start_iteration = self._restore() if resume else 0
+            self.log.write_config(cfg.to_dict())
+            self.trackers = build_trackers(cfg.tracking, self.run_dir, run_name=cfg.name, config=cfg.to_dict(),
+                                           resume_step=self.start_iteration if resume else None,
+                                           on_error=self._tracker_failed)
+        except BaseException:  # a half-built trainer frees what it took: workers, the lock
+            self.close()
+            raise
         self.console = cfg.tracking.console_every if not stdout_is_terminal() else 0
 
     def _build_workers(self):
@@ -298,8 +308,7 @@ class Trainer:
         size = rollouts.request.group_size
         for b in range(0, min(len(rows), self.cfg.train.sample_videos_per_iteration * size), size):
             path = self.log.video_path(iteration, rows[b]["prompt"], b)
-            written = self.artefact("training-sample video", media.write_mp4, path, rollouts.videos_BTCHW[b],
-                                    fps=4, layout="TCHW")
+            written = self.video(path, rollouts.videos_BTCHW[b])
             rows[b]["video_path"] = str(written) if written else ""
 
     @torch.no_grad()
@@ -312,7 +321,7 @@ class Trainer:
         paths = []
         for index, (prompt, video) in enumerate(zip(self.eval_prompts, videos)):
             path = self.run_dir / "videos" / f"{tag}_{index:02d}_{media_slug(prompt)}.mp4"
-            paths.append(self.artefact("sample video", media.write_mp4, path, video, fps=4, layout="TCHW"))
+            paths.append(self.video(path, video))
         self.artefact("contact sheet", media.contact_sheet, list(videos), list(self.eval_prompts),
                       self.run_dir / "videos" / f"{tag}_sheet.png")
         return [p for p in paths if p]
@@ -352,13 +361,15 @@ class Trainer:
         step = max(iteration, 0)
         self.trackers.log_image("eval/sheet", sheet, step)
         for i in first_seed[:EVAL_VIDEOS_TRACKED]:
-            path = self.artefact("evaluation video", media.write_mp4,
-                                 self.run_dir / "videos" / f"eval_{tag}_{i:02d}_{media_slug(texts[i])}.mp4",
-                                 videos[i], fps=4, layout="TCHW")
+            path = self.video(self.run_dir / "videos" / f"eval_{tag}_{i:02d}_{media_slug(texts[i])}.mp4", videos[i])
             self.trackers.log_video(f"eval/video_{i:02d}", path, step, caption=f"{texts[i]} ({float(aggregate[i]):.3f})")
         metrics = _mean_std("eval/reward", aggregate)
         metrics.update({f"eval/{name}/mean": _mean_std("x", values)["x/mean"] for name, values in scores.raw.items()})
         return metrics
+
+    def video(self, path: Path, video_TCHW: torch.Tensor) -> Path | None:
+        """An mp4 (an optional artefact): None when this machine has no encoder (reported once) or the write fails."""
+        return self.artefact("video", media.write_mp4, path, video_TCHW, fps=4, layout="TCHW") if self.mp4 else None
 
     def artefact(self, what: str, write, *args, **kwargs):
         """Write an optional artefact (video, sheet, plot): a failure is a warning and an event, never the end of
@@ -390,10 +401,11 @@ class Trainer:
         return plot_reward_curves([load_run(self.run_dir)], self.run_dir / "reward_curve.png")
 
     def close(self) -> None:
-        self.workers.shutdown()
-        trackers = getattr(self, "trackers", None)
-        if trackers is not None:
-            trackers.close()
+        """Free the workers, close the trackers, release the run directory (also for a half-built trainer)."""
+        if hasattr(self, "workers"):
+            self.workers.shutdown()
+        if hasattr(self, "trackers"):
+            self.trackers.close()
         self.log.close()
 
 

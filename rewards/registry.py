@@ -15,6 +15,7 @@ use, and each is imported only when its reward is built, so a broken plugin only
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Literal, TypeVar
@@ -95,6 +96,30 @@ def _load_entry_point(name: str) -> None:
         ) from exc
     if name not in _REGISTRY:
         register_reward(name)(obj)
+
+
+def check_args(name: str, args: dict[str, Any]) -> None:
+    """Raise ValueError when reward ``name`` is unknown or its constructor would refuse ``args`` (a missing required
+    argument, or one it does not take), without building it: checked before any model loads."""
+    if name not in _REGISTRY and name in _entry_points():
+        _load_entry_point(name)
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown reward {name!r}; available: {', '.join(available()) or '(none)'}")
+    source, factory = _SOURCES[name], _REGISTRY[name]
+    target = source if isinstance(source, type) and issubclass(source, Reward) else factory
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):  # a builtin or an object without a signature: nothing to check
+        return
+    given = dict(args)
+    if target is source and "name" in signature.parameters:
+        given.setdefault("name", name)
+    try:
+        signature.bind(**given)
+    except TypeError as error:
+        takes = [p for p in signature.parameters if p != "name" and
+                 signature.parameters[p].kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
+        raise ValueError(f"reward {name!r} cannot take args {sorted(args)}: {error}; it takes {takes}") from None
 
 
 def build(name: str, **args: Any) -> Reward:

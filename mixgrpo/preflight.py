@@ -1,0 +1,69 @@
+"""Everything about an experiment that can be checked before its run directory is made or any model loads.
+
+Field ranges are checked where each field is declared (``mixgrpo/config.py``); this module checks what needs
+more than one field or the machine: reward names and their constructor arguments, sequence-parallel degrees
+against the model, the device, the files the config names, and whether mp4s can be written (an optional artefact:
+only reported). Every problem is one ``ConfigError`` line naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mixgrpo.config import ConfigError, ExperimentConfig
+
+
+def validate_experiment(cfg: ExperimentConfig) -> list[str]:
+    """Raise ConfigError on the first problem; return warnings about optional parts (e.g. no mp4 encoder)."""
+    check_rewards(cfg)
+    check_device(cfg)
+    check_files(cfg)
+    from mixgrpo.policy_factory import check_parallel_degrees
+
+    try:
+        check_parallel_degrees(cfg)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    from mixgrpo.media import mp4_writer_missing
+
+    missing = mp4_writer_missing()
+    return [] if missing is None else [f"videos are written as contact sheets only: {missing}"]
+
+
+def check_rewards(cfg: ExperimentConfig) -> None:
+    from rewards.registry import check_args
+
+    for index, spec in enumerate(cfg.rewards):
+        try:
+            check_args(spec.name, spec.args)
+        except (ValueError, ImportError) as error:
+            raise ConfigError(f"rewards[{index}] ({spec.name}): {error}") from None
+
+
+def check_device(cfg: ExperimentConfig) -> None:
+    """The local backend runs the model in this process, so its device must exist here (Ray workers check theirs)."""
+    import torch
+
+    device = cfg.train.device
+    if cfg.rollout.backend != "local" or not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(f"train.device={device} but this machine has no visible GPU; use train.device=cpu (or "
+                          "auto), or check CUDA_VISIBLE_DEVICES and the driver")
+    index = torch.device(device).index
+    if index is not None and index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device={device} but only {torch.cuda.device_count()} GPUs are visible; use "
+                          f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+
+
+def check_files(cfg: ExperimentConfig) -> None:
+    policy = cfg.policy
+    if policy.kind == "toy" and policy.weights is not None and not Path(policy.weights).is_file():
+        raise ConfigError(f"policy.weights: no such file {policy.weights!r}; give a toy base made by `mixgrpo "
+                          "toy-pretrain --out FILE`, or leave it unset for the shipped one")
+    if policy.kind == "wan":
+        for field in ("model_dir", "transformer_path", "text_encoder_path", "tokenizer_path", "vae_path"):
+            value = getattr(policy, field)
+            if value is not None and not Path(value).expanduser().exists():
+                raise ConfigError(f"policy.{field}: {value!r} does not exist; point it at a local folder (weights "
+                                  "are never downloaded)")
