@@ -94,6 +94,7 @@ def save_checkpoint(
     files.append("state.json")
     manifest = {"iteration": iteration, "files": {name: _sha256(tmp / name) for name in files}}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    _set_modes(tmp)
     _fsync_dir(tmp)
     if final.exists():  # re-saving the same iteration after a resume: replace it whole
         shutil.rmtree(final)
@@ -101,6 +102,17 @@ def save_checkpoint(
     _fsync_dir(root)
     _prune(root, keep)
     return final
+
+
+FILE_MODE, DIR_MODE = 0o644, 0o755
+"""Every checkpoint file gets the same mode (the writers' defaults differ: safetensors, torch.save, json): readable by
+all, writable by the owner, like the models `save_pretrained` writes. A run directory holds no secrets."""
+
+
+def _set_modes(folder: Path) -> None:
+    for item in folder.rglob("*"):
+        item.chmod(DIR_MODE if item.is_dir() else FILE_MODE)
+    folder.chmod(DIR_MODE)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -148,7 +160,14 @@ def verify_checkpoint(path: Path) -> str | None:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as error:
         return f"manifest.json is unreadable ({error})"
-    for name, digest in manifest.get("files", {}).items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or "state.json" not in files:
+        return "manifest.json lists no files (or not state.json): not a checkpoint this library wrote"
+    if not any(name.endswith(".safetensors") or name.startswith(f"{SHARDED_DIR}/") for name in files):
+        return "manifest.json lists no weights (no .safetensors file, no dcp/ shards)"
+    for name, digest in files.items():
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            return f"manifest.json names a file outside the checkpoint ({name!r})"
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
@@ -165,9 +184,14 @@ def read_checkpoint(path: Path) -> Checkpoint:
     tensors, objects = {}, {}
     for name in manifest["files"]:
         if name.endswith(".safetensors"):
-            tensors[name[: -len(".safetensors")]] = load_file(str(path / name))
+            tensors[name[: -len(".safetensors")]] = _load_tensors(path / name)
         elif name.endswith(".pt"):
-            objects[name[: -len(".pt")]] = torch.load(path / name, weights_only=True, map_location="cpu")
+            try:
+                objects[name[: -len(".pt")]] = torch.load(path / name, weights_only=True, map_location="cpu")
+            except Exception as error:  # noqa: BLE001 -- weights_only refuses anything but tensors and plain data
+                raise ValueError(f"checkpoint {path}: {name} holds more than tensors and plain data, so it is not "
+                                 f"loaded ({type(error).__name__}); restore it from a copy or resume an earlier "
+                                 "checkpoint") from None
     state = json.loads((path / "state.json").read_text())
     return Checkpoint(path=path, iteration=int(state["iteration"]), tensors=tensors, objects=objects, state=state)
 
@@ -197,6 +221,14 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
                      f"{MANIFEST} in {str(root)!r}); train longer or pass another run")
 
 
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as error:  # noqa: BLE001 -- safetensors raises its own error type for a foreign file
+        raise ValueError(f"{path} is not a safetensors file ({type(error).__name__}: {error}); nothing in it was "
+                         "executed. Restore it from a copy or resume an earlier checkpoint") from None
+
+
 def load_latest_checkpoint(root: str | Path) -> Checkpoint | None:
     """The newest intact checkpoint under ``root``; broken newer ones are skipped with a warning."""
     for path in reversed(list_checkpoints(root)):
@@ -217,7 +249,7 @@ def read_model_weights(path: Path, *, ema: bool = True) -> dict[str, torch.Tenso
     if (path / SHARDED_DIR).is_dir():
         return _read_sharded(path / SHARDED_DIR, "ema" if ema and _has_group(path / SHARDED_DIR, "ema") else "model")
     name = "ema" if ema and (path / "ema.safetensors").is_file() else "model"
-    return load_file(str(path / f"{name}.safetensors"))
+    return _load_tensors(path / f"{name}.safetensors")
 
 
 def _has_group(folder: Path, group: str) -> bool:

@@ -171,10 +171,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mixgrpo: config error: {error}", file=sys.stderr)
         return 2
     except ValueError as error:  # bad input found while building (a prompt, a path, a checkpoint): say it plainly
-        if os.environ.get("MIXGRPO_DEBUG"):
-            raise
-        print(f"mixgrpo: error: {error}\n(set MIXGRPO_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 2
+        return _one_line(error, status=2)
+    except (RuntimeError, OSError, ImportError) as error:  # the run could not go on: resources, a lock, a reward
+        return _one_line(error, status=1)
+
+
+def _one_line(error: BaseException, *, status: int) -> int:
+    """Print an expected failure as one line (its traceback with MIXGRPO_DEBUG=1) and return the exit status."""
+    if os.environ.get("MIXGRPO_DEBUG"):
+        raise error
+    text = " ".join(str(error).split()) or type(error).__name__
+    print(f"mixgrpo: error: {text}\n(set MIXGRPO_DEBUG=1 for the traceback)", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

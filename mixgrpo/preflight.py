@@ -2,7 +2,7 @@
 
 Field ranges are checked where each field is declared (``mixgrpo/config.py``); this module checks what needs
 more than one field or the machine: reward names and their constructor arguments, sequence-parallel degrees
-against the model, the device, the files the config names, and whether mp4s can be written (an optional artefact:
+against the model, the device, the files the config names, the Ray cluster's resources, and whether mp4s can be written (an optional artefact:
 only reported). Every problem is one ``ConfigError`` line naming the field and the fix.
 """
 
@@ -24,6 +24,10 @@ def validate_experiment(cfg: ExperimentConfig) -> list[str]:
         check_parallel_degrees(cfg)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    if cfg.rollout.backend == "ray":  # the cluster has what the run asks for (N x S ranks, S per node)
+        from mixgrpo.ray_workers import cluster_fits
+
+        cluster_fits(cfg)
     from mixgrpo.media import mp4_writer_missing
 
     missing = mp4_writer_missing()

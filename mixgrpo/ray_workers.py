@@ -131,6 +131,13 @@ def preflight(*, num_workers: int, sp_size: int, use_gpu: bool, settle_s: float 
                        "rollout.sp_size, or add nodes to the cluster.")
 
 
+def cluster_fits(cfg: ExperimentConfig) -> None:
+    """Join or start Ray and raise (RuntimeError, saying what is missing) unless it can host the run's ranks."""
+    ensure_ray()
+    use_gpu = cfg.train.device != "cpu" and (cfg.train.device != "auto" or _cluster_has_gpus())
+    preflight(num_workers=cfg.rollout.num_workers, sp_size=cfg.rollout.sp_size, use_gpu=use_gpu)
+
+
 def _fault_types() -> tuple[type[BaseException], ...]:
     from ray.exceptions import NodeDiedError, OutOfMemoryError, RayActorError, WorkerCrashedError
 

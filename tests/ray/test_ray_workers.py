@@ -201,6 +201,17 @@ def test_preflight_says_what_is_missing_when_asking_for_more_workers_than_cpus(c
         RayWorkers(cfg)
 
 
+def test_asking_for_more_workers_than_the_cluster_has_is_one_line_from_the_cli(cluster, weights, tmp_path, capsys):
+    from mixgrpo.cli import main
+
+    want = CLUSTER_CPUS + 2
+    status = main(["train", *tiny(weights, "rollout.backend=ray", f"rollout.num_workers={want}",
+                                  f"rollout.prompts_per_iteration={want}"), "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and err[0].startswith(f"mixgrpo: error: Ray resources are not available: need {want} CPUs")
+    assert not (tmp_path / "run").exists()  # found before the run directory was made
+
+
 def test_sequence_parallel_degrees_that_do_not_fit_fail_before_any_model_loads(weights, tmp_path):
     cfg = load_config(quickstart_path(), tiny(weights, "rollout.backend=ray", "rollout.sp_size=3"))
     with pytest.raises(ValueError, match=r"rollout.sp_size=3 does not fit this model \(2 heads, Skiparse k=2\)"):
