@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_functions(path: Path) -> set[str]:
+def functions(path: Path) -> set[str]:
     return {node.name for node in ast.parse(path.read_text()).body
             if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")}
 
@@ -17,8 +17,8 @@ def test_every_named_test_exists_and_every_reliability_test_is_named():
     doc = (ROOT / "docs" / "reliability.md").read_text()
     named = re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", doc)
     assert len(named) >= 25
-    missing = [f"{path}::{name}" for path, name in named if name not in test_functions(ROOT / path)]
+    missing = [f"{path}::{name}" for path, name in named if name not in functions(ROOT / path)]
     assert not missing, f"docs/reliability.md names tests that do not exist: {missing}"
     covered = {name for path, name in named if path == "tests/core/test_reliability.py"}
-    absent = sorted(test_functions(ROOT / "tests" / "core" / "test_reliability.py") - covered)
+    absent = sorted(functions(ROOT / "tests" / "core" / "test_reliability.py") - covered)
     assert not absent, f"reliability tests missing from docs/reliability.md: {absent}"
