@@ -4,6 +4,7 @@
     mixgrpo config [CONFIG] [key=value ...]
     mixgrpo sample [CONFIG] --prompt "..." [--checkpoint RUN_OR_CHECKPOINT] [--out DIR] [key=value ...]
     mixgrpo report RUN [RUN ...] [--out DIR]
+    mixgrpo export RUN_OR_CHECKPOINT --format peft|diffusers --out DIR
     mixgrpo toy-pretrain [--out FILE] [--steps N]
     mixgrpo --version
 
@@ -147,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="summarise runs: a table in the terminal, plots on disk")
     add_report_arguments(report)
     report.set_defaults(func=_report)
+
+    from mixgrpo.export import add_parser as add_export_parser
+
+    add_export_parser(sub)
 
     pre = sub.add_parser("toy-pretrain", help="pretrain the toy world's base model (flow matching)")
     pre.add_argument("--out", default=None, help="safetensors file to write (default: the user cache)")

@@ -86,12 +86,12 @@ def _base_policy(cfg: PolicyConfig, *, device: torch.device) -> Policy:
     return build_wan_policy(cfg, device=device)
 
 
-def load_trained_weights(transformer: nn.Module, checkpoint: str | Path) -> None:
-    """Copy a checkpoint's trained tensors (EMA when present) into ``transformer``, sharded or not."""
+def load_trained_weights(transformer: nn.Module, checkpoint: str | Path, *, ema: bool = True) -> None:
+    """Copy a checkpoint's trained tensors (its EMA when ``ema`` and present) into ``transformer``, sharded or not."""
     from mixgrpo.checkpoint import read_model_weights
     from policies.parallel.fsdp import copy_full_
 
-    weights = read_model_weights(Path(checkpoint), ema=True)
+    weights = read_model_weights(Path(checkpoint), ema=ema)
     params = dict(transformer.named_parameters())
     unknown = sorted(set(weights) - set(params))
     if unknown:

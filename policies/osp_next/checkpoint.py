@@ -60,6 +60,51 @@ def diffusers_to_wan_key(key: str) -> str:
     return key
 
 
+# Wan name -> diffusers name: the inverse of the table above (one pair per row, the other direction).
+_WAN_TO_DIFFUSERS = [
+    (r"^time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
+    (r"^time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
+    (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
+    (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
+    (r"^time_projection\.1\.", "condition_embedder.time_proj."),
+    (r"^head\.modulation$", "scale_shift_table"),
+    (r"^head\.head\.", "proj_out."),
+    (r"^(blocks\.\d+)\.modulation$", r"\1.scale_shift_table"),
+    (r"^(blocks\.\d+)\.self_attn\.o\.", r"\1.attn1.to_out.0."),
+    (r"^(blocks\.\d+)\.cross_attn\.o\.", r"\1.attn2.to_out.0."),
+    (r"^(blocks\.\d+)\.self_attn\.([qkv])\.", r"\1.attn1.to_\2."),
+    (r"^(blocks\.\d+)\.cross_attn\.([qkv])\.", r"\1.attn2.to_\2."),
+    (r"^(blocks\.\d+)\.self_attn\.(norm_[qk])\.", r"\1.attn1.\2."),
+    (r"^(blocks\.\d+)\.cross_attn\.(norm_[qk])\.", r"\1.attn2.\2."),
+    (r"^(blocks\.\d+)\.norm3\.", r"\1.norm2."),
+    (r"^(blocks\.\d+)\.ffn\.0\.", r"\1.ffn.net.0.proj."),
+    (r"^(blocks\.\d+)\.ffn\.2\.", r"\1.ffn.net.2."),
+]
+
+
+def wan_to_diffusers_key(key: str) -> str:
+    """diffusers' ``WanTransformer3DModel`` name of a Wan2.1 (OSPNext) parameter (unknown names unchanged)."""
+    for pattern, replacement in _WAN_TO_DIFFUSERS:
+        new, count = re.subn(pattern, replacement, key)
+        if count:
+            return new
+    return key
+
+
+def diffusers_config(config: OSPNextConfig) -> dict[str, Any]:
+    """A diffusers ``WanTransformer3DModel`` config.json for ``config`` (inverse of ``config_from_diffusers``).
+
+    The attention layout is OSP-Next's own: diffusers runs every block with full attention."""
+    return {
+        "_class_name": "WanTransformer3DModel", "patch_size": list(config.patch_size),
+        "num_attention_heads": config.num_heads, "attention_head_dim": config.dim // config.num_heads,
+        "in_channels": config.in_channels, "out_channels": config.out_channels, "text_dim": config.text_dim,
+        "freq_dim": config.freq_dim, "ffn_dim": config.ffn_dim, "num_layers": config.num_layers,
+        "cross_attn_norm": config.cross_attn_norm, "qk_norm": "rms_norm_across_heads" if config.qk_norm else None,
+        "eps": config.eps, "image_dim": None, "added_kv_proj_dim": None, "rope_max_seq_len": config.rope_max_seq_len,
+    }
+
+
 def is_diffusers_state(state: dict[str, torch.Tensor]) -> bool:
     return any(key.startswith("condition_embedder.") or ".attn1." in key for key in state)
 
