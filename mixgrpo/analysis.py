@@ -60,6 +60,40 @@ class RunSet:
         """Config columns whose value differs between the runs: what the comparison is about."""
         return [c for c in self.configs.columns if self.configs[c].astype(str).nunique(dropna=False) > 1]
 
+    def configurations(self) -> dict[str, list[Run]]:
+        """The runs grouped by configuration: runs that differ only in ``train.seed`` (and ``name``) are seeds of one
+        configuration. Keys are labels made of the settings that tell the configurations apart."""
+        settings = [c for c in self.varying if c not in SEED_COLUMNS]
+        groups: dict[str, list[Run]] = {}
+        for run in self.runs:
+            row = self.configs.loc[run.name]
+            label = ", ".join(f"{c.removeprefix('config.')}={row[c]}" for c in settings) or run.config.get("name", "runs")
+            groups.setdefault(label, []).append(run)
+        return groups
+
+    def aggregate_seeds(self) -> list[Run]:
+        """One ``Run`` per configuration whose metrics are the mean over its seeds per iteration, with the spread
+        across seeds as ``<metric>@seed_std`` columns (the plots draw it as a band) and ``seeds`` (how many)."""
+        return [_mean_over_seeds(label, runs) for label, runs in self.configurations().items()]
+
+
+SEED_COLUMNS = ("config.train.seed", "config.name")
+SEED_STD = "@seed_std"
+
+
+def _mean_over_seeds(label: str, runs: list[Run]) -> Run:
+    frames = [r.metrics.set_index("iteration").select_dtypes("number") for r in runs]
+    stacked = pd.concat(frames, keys=range(len(frames)), names=["seed_run", "iteration"])
+    grouped = stacked.groupby(level="iteration")
+    metrics = grouped.mean()
+    spread = grouped.std(ddof=1 if len(runs) > 1 else 0).fillna(0.0).add_suffix(SEED_STD)
+    metrics = pd.concat([metrics, spread], axis=1)
+    metrics["seeds"] = grouped.size().astype(float)  # runs that reached each iteration
+    samples = pd.concat([r.samples.assign(run=r.name) for r in runs], ignore_index=True)
+    events = pd.concat([r.events for r in runs], ignore_index=True)
+    return Run(name=f"{label} ({len(runs)} seed{'s' if len(runs) > 1 else ''})", path=runs[0].path,
+               config=runs[0].config, metrics=metrics.reset_index(), samples=samples, events=events)
+
 
 def read_events(path: PathLike) -> pd.DataFrame:
     """events.jsonl -> DataFrame (time parsed as UTC); a last line still being written is skipped."""

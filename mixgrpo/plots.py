@@ -18,8 +18,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-from mixgrpo.analysis import Run, RunSet, as_runs
+from mixgrpo.analysis import SEED_STD, Run, RunSet, as_runs
 from mixgrpo.runlog import atomic_path
 
 Panel = Union[str, tuple[str, Sequence[str]]]
@@ -32,8 +33,9 @@ DIAGNOSTICS = ("loss", "kl", "clip_fraction", "ratio/first_step", "advantage/std
 
 
 def default_window(num_iterations: int) -> int:
-    """Rolling-mean width: a tenth of the run, so the trend shows without hiding the last iterations."""
-    return max(1, num_iterations // 10)
+    """Rolling-mean width: a tenth of the run, so the trend shows without hiding the last iterations, and at
+    least 2 whenever the run has 2 iterations (a mean of one point is no mean: short runs get one too)."""
+    return min(num_iterations, max(2, num_iterations // 10)) if num_iterations >= 2 else 1
 
 
 def reward_metrics(runs: Sequence[Run]) -> list[str]:
@@ -81,10 +83,23 @@ def _series(run: Run, metric: str) -> pd.Series | None:
     return None if series.empty else series
 
 
-def _draw(ax, series: pd.Series, *, colour: str, style: str, label: str, window: int | None) -> None:
-    """Raw values faint, trailing rolling mean bold."""
+def _spread(run: Run, metric: str) -> pd.Series | None:
+    """The band around ``metric``: its spread across seeds (an aggregated run), else the batch std the run logged
+    next to a ``.../mean`` column (``reward/std`` for ``reward/mean``)."""
+    for column in (f"{metric}{SEED_STD}", f"{metric.removesuffix('/mean')}/std" if metric.endswith("/mean") else ""):
+        if column and column in run.metrics.columns:
+            return run.metrics.set_index("iteration")[column]
+    return None
+
+
+def _draw(ax, series: pd.Series, *, colour: str, style: str, label: str, window: int | None,
+          spread: pd.Series | None = None) -> None:
+    """Raw values faint with a mean +- std band when the spread is known, trailing rolling mean bold."""
     width = window or default_window(len(series))
-    ax.plot(series.index, series.values, color=colour, alpha=0.25, linewidth=1, linestyle=style)
+    if spread is not None:
+        band = spread.reindex(series.index).fillna(0.0)
+        ax.fill_between(series.index, series - band, series + band, color=colour, alpha=0.12, linewidth=0)
+    ax.plot(series.index, series.values, color=colour, alpha=0.3, linewidth=1, linestyle=style)
     smooth = series.rolling(width, min_periods=1).mean()
     ax.plot(smooth.index, smooth.values, color=colour, linewidth=2, linestyle=style, label=label)
 
@@ -130,12 +145,14 @@ def plot_curves(
                 if shared:  # colour tells the metrics apart; line style the runs
                     label = _short_metric(metric) + (f" ({run.name})" if len(loaded) > 1 else "")
                     _draw(ax, series, colour=f"C{metric_index % 10}", style=LINESTYLES[run_index % len(LINESTYLES)],
-                          label=label, window=window)
+                          label=label, window=window, spread=_spread(run, metric))
                 else:
-                    _draw(ax, series, colour=run_colour, style="-", label=run.name, window=window)
+                    _draw(ax, series, colour=run_colour, style="-", label=run.name, window=window,
+                          spread=_spread(run, metric))
                 drawn = True
         ax.set_title(panel_title, fontsize=10)
         ax.set_xlabel("iteration")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # iterations are whole numbers
         ax.grid(alpha=0.3)
         if not drawn:
             ax.text(0.5, 0.5, "not logged", transform=ax.transAxes, ha="center", va="center", color="grey")
@@ -162,7 +179,8 @@ def plot_reward_curves(
     panels: list[Panel] = [*reward_metrics(loaded)]
     panels += [(f"{parent.removesuffix('/mean')} components", columns)
                for parent, columns in reward_components(loaded).items()]
-    return plot_curves(loaded, panels, path, window=window, title="reward (bold: rolling mean)")
+    return plot_curves(loaded, panels, path, window=window,
+                       title="reward (bold: rolling mean; band: std over the batch, or over seeds)")
 
 
 def plot_diagnostics(

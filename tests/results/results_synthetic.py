@@ -14,13 +14,13 @@ TRENDS = (0.05, 0.02, -0.03)
 def write_synthetic_run(path, *, iterations=12, lr=1e-4, videos=True, seed=0):
     rng = np.random.default_rng(seed)
     log = RunLog(path)
-    log.write_config({"name": "synthetic", "train": {"lr": lr, "iterations": iterations},
+    log.write_config({"name": "synthetic", "train": {"lr": lr, "iterations": iterations, "seed": seed},
                       "window": {"size": 2, "kind": "progressive"}, "rewards": [{"name": "toy"}, {"name": "motion"}]})
     for it in range(iterations):
         rows = []
         for g, (prompt, trend) in enumerate(zip(PROMPTS, TRENDS)):
             for s in range(2):
-                toy = 0.5 + trend * it + 0.001 * rng.standard_normal()
+                toy = 0.5 + trend * it + 0.001 * rng.standard_normal() + 0.01 * seed
                 row = {"iteration": it, "prompt": prompt, "group": g, "seed": 1000 * it + g, "sample": s,
                        "reward/toy": toy, "reward/motion": 0.2, "reward": toy + 0.2, "advantage": s - 0.5}
                 if videos and it == iterations - 1:

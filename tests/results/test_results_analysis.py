@@ -44,7 +44,7 @@ def test_load_runs_concatenates_with_flattened_config(tmp_path):
     assert runs.metrics.groupby("run").size().to_dict() == {"a": 12, "b": 8}
     assert runs.metrics.groupby("run")["config.train.lr"].unique().map(list).to_dict() == {"a": [1e-4], "b": [3e-4]}
     assert runs.samples.groupby("config.train.lr").size().to_dict() == {1e-4: 72, 3e-4: 48}
-    assert runs.varying == ["config.train.lr", "config.train.iterations"]
+    assert runs.varying == ["config.train.lr", "config.train.iterations", "config.train.seed"]
     assert runs.configs.loc["a", "config.rewards"] == '[{"name": "toy"}, {"name": "motion"}]'
     # Same folder name under different parents: names are made unique, not merged.
     c = write_synthetic_run(tmp_path / "other" / "a", videos=False)

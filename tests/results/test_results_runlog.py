@@ -83,7 +83,7 @@ def test_write_config_roundtrip_and_atomic(tmp_path):
     # The failed write kept the previous config and left no temporary file behind.
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["kind"] == "sde"
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [
-        "config.yaml", "metrics.parquet", "samples.parquet"]
+        ".lock", ".mixgrpo-run", "config.sha256", "config.yaml", "metrics.parquet", "samples.parquet"]
 
 
 def test_concurrent_reader_never_sees_partial_files(tmp_path):
@@ -123,7 +123,7 @@ def test_resume_truncates_rows_and_videos(tmp_path):
     log.close()
     with pytest.raises(ValueError, match="closed"):
         log.log_metrics({"iteration": 5})
-    with pytest.raises(ValueError, match="resume=True"):
+    with pytest.raises(ValueError, match="continue it with --resume"):
         RunLog(tmp_path)
 
     resumed = RunLog(tmp_path, resume=True)
