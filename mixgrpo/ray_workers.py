@@ -76,14 +76,20 @@ def ensure_ray(num_cpus: int | None = None) -> str:
     """
     import ray
 
+    global _HOW
     if ray.is_initialized():
-        return "connected"
+        return _HOW or "connected"  # how this process first got its Ray (the preflight may have done it)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-        return "joined"
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
-    return "started"
+        _HOW = "joined"
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+        _HOW = "started"
+    return _HOW
+
+
+_HOW: str | None = None
 
 
 def missing_resources(*, num_workers: int, sp_size: int, use_gpu: bool, available: dict[str, float],

@@ -21,7 +21,7 @@ from mixgrpo.config import ExperimentConfig, load_config
 from mixgrpo.policy_factory import build_policy
 from mixgrpo.rollout import generate
 from policies.toy.world import COLOURS, eval_prompts, parse_caption, train_prompts
-from rewards.toy_fidelity import ToyFidelityReward, foreground_alpha
+from rewards.toy_fidelity import ToyFidelityReward, background_checkerboard, foreground_alpha
 
 
 def score_samples(policy, cfg: ExperimentConfig, prompts: list[str], *, seed: int) -> dict[str, torch.Tensor]:
@@ -30,6 +30,7 @@ def score_samples(policy, cfg: ExperimentConfig, prompts: list[str], *, seed: in
     scores = ToyFidelityReward().breakdown(videos, prompts)
     colour_BC, _ = foreground_alpha(videos)
     scores["drawn_colour"] = torch.cdist(colour_BC, torch.tensor(list(COLOURS.values()))).argmin(dim=1)
+    scores["checkerboard"] = background_checkerboard(videos)
     return scores
 
 
@@ -69,12 +70,39 @@ def main() -> None:
         parser.error(f"{args.run_dir} trained policy.kind={cfg.policy.kind!r}; this script evaluates toy-world runs")
     checkpoint = last_intact_checkpoint(args.run_dir)
     prompts = train_prompts() * args.repeats + eval_prompts() * args.repeats
+    results = {}
     for label, ckpt in (("base", None), (f"after {checkpoint.name}", checkpoint)):
         policy = build_policy(cfg, device="cpu", checkpoint=ckpt)
-        scores = score_samples(policy, cfg, prompts, seed=args.seed)
+        scores = results[label] = score_samples(policy, cfg, prompts, seed=args.seed)
         means = "  ".join(f"{k} {float(scores[k].mean()):.3f}" for k in ("total", "colour", "shape", "direction"))
-        print(f"{label}: {means}")
+        print(f"{label}: {means}  background checkerboard {float(scores['checkerboard'].mean()):.4f}")
         print("\n".join(colour_table(scores, prompts)), flush=True)
+    base, after = results.values()
+    problems = verdict(base, after, prompts)
+    print("verdict: " + ("no colour worse than the base, no artefact" if not problems else "; ".join(problems)))
+
+
+ARTEFACT_TOLERANCE = 0.002
+"""Checkerboard strength (mean |coefficient| on background blocks, pixel units) the trained policy may add to the
+base's: a visible 2x2 pattern is ~0.01 and up; sampling noise moves the mean by ~0.0005."""
+
+
+def verdict(base: dict[str, torch.Tensor], after: dict[str, torch.Tensor], prompts: list[str]) -> list[str]:
+    """What the run made worse: a colour drawn right less often than by the base (and with a lower colour score),
+    or a background checkerboard stronger than the base's by more than ``ARTEFACT_TOLERANCE``."""
+    names = list(COLOURS)
+    asked = torch.tensor([names.index(parse_caption(p).colour) for p in prompts])
+    problems = []
+    for index, name in enumerate(names):
+        rows = asked == index
+        right_base = int((base["drawn_colour"][rows] == index).sum())
+        right_after = int((after["drawn_colour"][rows] == index).sum())
+        if right_after < right_base and float(after["colour"][rows].mean()) < float(base["colour"][rows].mean()):
+            problems.append(f"{name} worse than the base ({right_after} right, base {right_base})")
+    added = float(after["checkerboard"].mean() - base["checkerboard"].mean())
+    if added > ARTEFACT_TOLERANCE:
+        problems.append(f"background checkerboard +{added:.4f} over the base's")
+    return problems
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def pretrain_policy(policy: Policy, cfg: ToyPretrainConfig, *, progress: bool = 
     ema = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     losses: list[float] = []
-    bar = tqdm(range(cfg.steps), desc="toy pretrain", disable=not progress)
+    bar = tqdm(range(cfg.steps), desc="toy pretrain", disable=None if progress else True)  # None: off in logs (no tty)
     for step in bar:
         captions, shown, seeds = draw_batch(prompts, cfg.batch_size, cfg.caption_dropout, generator, cfg.colour_noise)
         videos = render_videos(captions, seeds, num_frames=spec.num_frames, height=spec.height, width=spec.width)
