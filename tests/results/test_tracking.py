@@ -243,6 +243,21 @@ def test_a_failing_tracker_is_an_event_and_training_goes_on(tmp_path, monkeypatc
                                                                                             "tensorboard")]
 
 
+def test_a_tracker_that_cannot_start_is_reported_and_the_others_still_log(tmp_path):
+    from mixgrpo.tracking import TrackingConfig
+
+    (tmp_path / "tensorboard").write_text("a file where TensorBoard wants its folder")
+    errors = []
+    backends = ["tensorboard", *(["mlflow"] if importlib.util.find_spec("mlflow") else [])]
+    trackers = build_trackers(TrackingConfig(backends=backends), tmp_path, run_name="r", config={},
+                              resume_step=None, on_error=lambda name, error: errors.append((name, error)))
+    assert [name for name, _ in errors] == ["tensorboard"] and isinstance(errors[0][1], OSError)
+    assert [t.name for t in trackers.trackers] == backends[1:]
+    trackers.log_scalars({"iteration": 0, "reward/mean": 0.5}, step=0)
+    trackers.close()
+    assert len(errors) == 1
+
+
 def test_unknown_or_missing_tracker_is_a_config_error(monkeypatch):
     with pytest.raises(ConfigError, match=r"tracking.backends: unknown \['neptune'\]; choose from"):
         load_config("quickstart", ["tracking.backends=[neptune]"])
