@@ -61,9 +61,10 @@ class RunSet:
         return [c for c in self.configs.columns if self.configs[c].astype(str).nunique(dropna=False) > 1]
 
     def configurations(self) -> dict[str, list[Run]]:
-        """The runs grouped by configuration: runs that differ only in ``train.seed`` (and ``name``) are seeds of one
-        configuration. Keys are labels made of the settings that tell the configurations apart."""
-        settings = [c for c in self.varying if c not in SEED_COLUMNS]
+        """The runs grouped by configuration: runs that differ only in ``train.seed`` (and in labels that do not change
+        training: ``name``, the ``tracking`` section) are seeds of one configuration. Keys are labels made of the
+        settings that tell the configurations apart."""
+        settings = [c for c in self.varying if not is_seed_or_label(c)]
         groups: dict[str, list[Run]] = {}
         for run in self.runs:
             row = self.configs.loc[run.name]
@@ -78,7 +79,14 @@ class RunSet:
 
 
 SEED_COLUMNS = ("config.train.seed", "config.name")
+LABEL_SECTIONS = ("config.tracking.",)
+"""Config sections that name or watch a run without changing what it learns (run names, trackers)."""
 SEED_STD = "@seed_std"
+
+
+def is_seed_or_label(column: str) -> bool:
+    """Whether a flattened config column may differ between seeds of one configuration."""
+    return column in SEED_COLUMNS or column.startswith(LABEL_SECTIONS)
 
 
 def _mean_over_seeds(label: str, runs: list[Run]) -> Run:

@@ -11,11 +11,12 @@ PROMPTS = ("a red ball bouncing", "a blue cube sliding", "a green bar rotating")
 TRENDS = (0.05, 0.02, -0.03)
 
 
-def write_synthetic_run(path, *, iterations=12, lr=1e-4, videos=True, seed=0):
+def write_synthetic_run(path, *, iterations=12, lr=1e-4, videos=True, seed=0, tracking=None):
     rng = np.random.default_rng(seed)
     log = RunLog(path)
     log.write_config({"name": "synthetic", "train": {"lr": lr, "iterations": iterations, "seed": seed},
-                      "window": {"size": 2, "kind": "progressive"}, "rewards": [{"name": "toy"}, {"name": "motion"}]})
+                      "window": {"size": 2, "kind": "progressive"}, "rewards": [{"name": "toy"}, {"name": "motion"}],
+                      **({"tracking": tracking} if tracking else {})})
     for it in range(iterations):
         rows = []
         for g, (prompt, trend) in enumerate(zip(PROMPTS, TRENDS)):

@@ -30,6 +30,19 @@ def test_runs_that_differ_only_by_seed_form_one_configuration(seeds_of_two_confi
     assert (low["reward/mean@seed_std"] > 0).all() and (low["seeds"] == 3).all()
 
 
+def test_run_names_and_trackers_do_not_split_seeds_of_one_configuration(tmp_path):
+    paths = [write_synthetic_run(tmp_path / f"s{seed}", seed=seed, iterations=3, videos=False,
+                                 tracking={"run_name": f"sweep-seed{seed}", "backends": backends})
+             for seed, backends in ((0, []), (1, ["tensorboard"]))]
+    paths.append(write_synthetic_run(tmp_path / "lr", lr=1e-3, iterations=3, videos=False,
+                                     tracking={"run_name": "other"}))
+    runs = analysis.load_runs(paths)
+    assert "config.tracking.run_name" in runs.varying
+    groups = runs.configurations()
+    assert sorted(groups) == ["train.lr=0.0001", "train.lr=0.001"]
+    assert [r.name for r in groups["train.lr=0.0001"]] == ["s0", "s1"]
+
+
 def _figure_of(monkeypatch):
     drawn = {}
     original = plots._save
