@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from mixgrpo.advantages import FailureStreak, advantages_from_scores
 from mixgrpo.checkpoint import load_latest_checkpoint, save_checkpoint
-from mixgrpo.config import ConfigError, ExperimentConfig, dump_config
+from mixgrpo.config import ConfigError, ExperimentConfig, config_from_dict, dump_config
 from mixgrpo.learner import UpdatePlan, plan_update
 from mixgrpo.rollout import RolloutRequest, RolloutResult, generate, group_seed
 from mixgrpo.runlog import RunLog, check_config_unchanged
@@ -45,20 +45,27 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def check_resume_config(cfg: ExperimentConfig, run_dir: Path) -> None:
-    """A resumed run must use the config it was started with (only ``train.iterations`` may grow): otherwise the
-    run directory would mix two experiments and its config.yaml would no longer describe its metrics."""
+    """A resumed run must use the config it was started with: otherwise the run directory would mix two experiments
+    and its config.yaml would no longer describe its metrics. Only ``train.iterations`` (a longer run) and the
+    ``tracking`` section (where the metrics are also sent) may change; keys added to mixgrpo since the run started
+    take their defaults."""
     written = run_dir / "config.yaml"
     if not written.is_file():
         return
     check_config_unchanged(run_dir)
-    before = _flatten(yaml.safe_load(written.read_text()) or {})
-    now = _flatten(yaml.safe_load(dump_config(cfg)))
-    changed = sorted(k for k in before.keys() | now.keys() if k != "train.iterations" and before.get(k) != now.get(k))
+    stored = yaml.safe_load(written.read_text()) or {}
+    try:
+        stored = yaml.safe_load(dump_config(config_from_dict(stored)))  # fills in keys newer than the run
+    except ConfigError:
+        pass  # compare as written: the difference itself is what the user needs to see
+    before, now = _flatten(stored), _flatten(yaml.safe_load(dump_config(cfg)))
+    free = ("train.iterations", "tracking.")
+    changed = sorted(k for k in before.keys() | now.keys() if not k.startswith(free) and before.get(k) != now.get(k))
     if changed:
         shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
         raise ConfigError(f"--resume with a config that differs from the run's {written}: {shown}"
                           f"{' ...' if len(changed) > 5 else ''}. Resume without CONFIG or overrides (the run's own "
-                          "config is used), change only train.iterations, or start a new --run-dir")
+                          "config is used), change only train.iterations or tracking.*, or start a new --run-dir")
 
 
 EVAL_VIDEOS_TRACKED = 4
@@ -358,11 +365,12 @@ class Trainer:
         sheet = self.artefact("evaluation sheet", media.contact_sheet, [videos[i] for i in first_seed],
                               [f"{texts[i]}  (reward {float(aggregate[i]):.3f})" for i in first_seed],
                               self.run_dir / "videos" / f"eval_{tag}_sheet.png")
-        step = max(iteration, 0)
-        self.trackers.log_image("eval/sheet", sheet, step)
+        step, prefix = max(iteration, 0), "eval_base" if iteration < 0 else "eval"  # the base has its own tags
+        self.trackers.log_image(f"{prefix}/sheet", sheet, step)
         for i in first_seed[:EVAL_VIDEOS_TRACKED]:
             path = self.video(self.run_dir / "videos" / f"eval_{tag}_{i:02d}_{media_slug(texts[i])}.mp4", videos[i])
-            self.trackers.log_video(f"eval/video_{i:02d}", path, step, caption=f"{texts[i]} ({float(aggregate[i]):.3f})")
+            self.trackers.log_video(f"{prefix}/video_{i:02d}", path, step,
+                                    caption=f"{texts[i]} ({float(aggregate[i]):.3f})")
         metrics = _mean_std("eval/reward", aggregate)
         metrics.update({f"eval/{name}/mean": _mean_std("x", values)["x/mean"] for name, values in scores.raw.items()})
         return metrics

@@ -83,9 +83,10 @@ def test_tensorboard_shows_evaluation_videos_as_captioned_gifs(tracked_run):
     assert len(video_tags) == 2 and video_tags[0] == "eval/video_00"  # eval.max_prompts=2, the first seed of each
     [mp4] = sorted((run_dir / "videos").glob("eval_iter000002_00_*.mp4"))
     frames = read_mp4(mp4)
-    # each evaluation: the base model (before iteration 0), after iteration 1 (eval.every=2) and at the end
-    assert [image.step for image in events.Images("eval/video_00")] == [0, 1, 2]
-    image = events.Images("eval/video_00")[1]
+    # each evaluation: after iteration 1 (eval.every=2) and at the end; the base model's under its own tags
+    assert [image.step for image in events.Images("eval/video_00")] == [1, 2]
+    assert [image.step for image in events.Images("eval_base/video_00")] == [0]
+    image = events.Images("eval/video_00")[0]
     gif = Image.open(io.BytesIO(image.encoded_image_string))
     assert gif.format == "GIF" and gif.n_frames == min(len(frames), GIF_MAX_FRAMES) > 1
     assert (gif.height, gif.width) == (image.height, image.width)
@@ -93,7 +94,7 @@ def test_tensorboard_shows_evaluation_videos_as_captioned_gifs(tracked_run):
     # 256-colour palette allows a small error
     first = np.asarray(gif.convert("RGB"), dtype=np.float32) / 255.0
     assert first.shape == frames[0].shape and np.abs(first - frames[0]).mean() < 0.05
-    caption = events.Tensors("eval/video_00/caption/text_summary")[1]
+    caption = events.Tensors("eval/video_00/caption/text_summary")[0]
     assert "(" in caption.tensor_proto.string_val[0].decode()  # "<prompt> (<reward>)"
 
 
