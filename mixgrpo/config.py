@@ -111,9 +111,10 @@ class SamplerConfig:
     def __post_init__(self) -> None:
         _require(self.num_steps >= 2, f"sampler.num_steps must be >= 2, got {self.num_steps}")
         _require(self.shift > 0, f"sampler.shift must be > 0, got {self.shift}")
-        # Above 1 the SDE's injected noise outgrows the flow it perturbs and rollouts diverge (eta=5 or 1e6 end in
-        # latents far outside the data range); the peers use 0.3 (DanceGRPO) to 1.0 (OSP-Next).
-        _require(0 <= self.eta <= 1, f"sampler.eta must be in [0, 1] (Flow-GRPO 0.7, DanceGRPO 0.3, OSP-Next 1.0), "
+        # At 0 the SDE has no noise and its log-prob divides by zero; above 1 the injected noise outgrows the flow
+        # it perturbs (the first step's mean (1 - eta^2/2) x erases x at sqrt 2) and rollouts diverge (eta=5 or 1e6
+        # end far outside the data range). The peers use 0.3 (DanceGRPO) to 1.0 (OSP-Next).
+        _require(0 < self.eta <= 1, f"sampler.eta must be in (0, 1] (Flow-GRPO 0.7, DanceGRPO 0.3, OSP-Next 1.0), "
                  f"got {self.eta}")
         _require(self.guidance_scale >= 0, f"sampler.guidance_scale must be >= 0 (1.0 or 0 disables CFG), got {self.guidance_scale}")
         _require(0 < self.post_window_ratio <= 1, f"sampler.post_window_ratio must be in (0, 1], got {self.post_window_ratio}")

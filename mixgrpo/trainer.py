@@ -298,9 +298,12 @@ class Trainer:
     def _restore(self) -> int:
         ckpt = load_latest_checkpoint(self.run_dir / "checkpoints")
         if ckpt is None:
-            warnings.warn(f"--resume: no usable checkpoint in {self.run_dir / 'checkpoints'}; starting from iteration 0",
+            if self.log.last_iteration is not None:  # never throw away logged iterations for want of a checkpoint
+                raise ValueError(f"--resume: {self.run_dir / 'checkpoints'} holds no intact checkpoint, but the run "
+                                 f"logged iterations up to {self.log.last_iteration}; nothing was deleted. Restore a "
+                                 "checkpoint, or start a new --run-dir")
+            warnings.warn(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}; starting from iteration 0",
                           stacklevel=2)
-            self.log.truncate_after(-1)
             return 0
         self.workers.load_checkpoint(ckpt.path)
         torch.set_rng_state(ckpt.objects["rng"]["torch"])

@@ -53,8 +53,9 @@ def events(run_dir: Path) -> list[dict]:
 BAD_VALUES = [
     ("learner.grad_clip=-1", "learner.grad_clip must be > 0 (the max gradient norm), got -1.0"),
     ("advantages.eps=-1", "advantages.eps must be > 0 (it keeps the std denominator positive), got -1.0"),
-    ("sampler.eta=5", "sampler.eta must be in [0, 1]"),
-    ("sampler.eta=1e6", "sampler.eta must be in [0, 1]"),
+    ("sampler.eta=5", "sampler.eta must be in (0, 1]"),
+    ("sampler.eta=1e6", "sampler.eta must be in (0, 1]"),
+    ("sampler.eta=0", "sampler.eta must be in (0, 1]"),
     ("train.threads=-4", "train.threads must be >= 0"),
     ("train.num_videos=-1", "train.num_videos must be >= 0"),
     ("learner.lr=inf", "learner.lr must be a finite number, got inf"),
@@ -274,3 +275,13 @@ def test_ctrl_c_stops_a_run_stuck_in_a_reward_within_seconds(tmp_path):
     assert time.time() - tick < 5, f"Ctrl-C took {time.time() - tick:.1f} s"
     assert proc.returncode == 130 and "interrupted; continue with --resume" in err
     assert events(tmp_path / "run")[-1]["kind"] == "interrupted"
+
+
+def test_resume_without_an_intact_checkpoint_keeps_the_logged_iterations(tmp_path):
+    assert run(tmp_path, "train.iterations=2", "train.checkpoint_every=1")[0] == 0
+    for ckpt in (tmp_path / "run" / "checkpoints").iterdir():
+        (ckpt / "manifest.json").unlink()  # every checkpoint damaged
+    before = (tmp_path / "run" / "metrics.parquet").read_bytes()
+    status, err = run(tmp_path, "--resume")
+    assert status == 2 and "holds no intact checkpoint, but the run logged iterations up to 1; nothing was deleted" in err
+    assert (tmp_path / "run" / "metrics.parquet").read_bytes() == before
