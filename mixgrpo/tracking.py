@@ -220,7 +220,7 @@ class MlflowTracker:
             from mlflow.entities import Param
 
             params = [Param(mlflow_metric_name(key), str(value)[:500])  # 500: the smallest cap of MLflow 2 and 3
-                      for key, value in _flatten(config).items()]
+                      for key, value in flatten(config).items()]
             for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
                 self.client.log_batch(self.run_id, params=params[start:start + 100])
 
@@ -263,11 +263,12 @@ def mlflow_metric_name(name: str) -> str:
     return f"{valid[:243]}-{hashlib.sha1(name.encode()).hexdigest()[:6]}"
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}`` (also used by the trainer's resume check)."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat

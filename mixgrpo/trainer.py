@@ -24,7 +24,7 @@ from mixgrpo.config import ConfigError, ExperimentConfig, config_from_dict, dump
 from mixgrpo.learner import UpdatePlan, plan_update
 from mixgrpo.rollout import RolloutRequest, RolloutResult, generate, group_seed
 from mixgrpo.runlog import RunLog, check_config_unchanged
-from mixgrpo.tracking import build_trackers, console_line, stdout_is_terminal, warn_tracker_failure
+from mixgrpo.tracking import build_trackers, console_line, flatten, stdout_is_terminal, warn_tracker_failure
 from mixgrpo.window import build_window_scheduler
 from mixgrpo import media
 from mixgrpo.policy_factory import build_policy
@@ -32,16 +32,6 @@ from mixgrpo.preflight import validate_experiment
 from mixgrpo.prompts import Prompt, load_prompts, prompt_metadata
 from mixgrpo.worker import LocalWorkers, resolve_device
 from rewards.ensemble import RewardError, RewardSet, ScoreTable
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def check_resume_config(cfg: ExperimentConfig, run_dir: Path) -> None:
@@ -58,7 +48,7 @@ def check_resume_config(cfg: ExperimentConfig, run_dir: Path) -> None:
         stored = yaml.safe_load(dump_config(config_from_dict(stored)))  # fills in keys newer than the run
     except ConfigError:
         pass  # compare as written: the difference itself is what the user needs to see
-    before, now = _flatten(stored), _flatten(yaml.safe_load(dump_config(cfg)))
+    before, now = flatten(stored), flatten(yaml.safe_load(dump_config(cfg)))
     free = ("train.iterations", "tracking.")
     changed = sorted(k for k in before.keys() | now.keys() if not k.startswith(free) and before.get(k) != now.get(k))
     if changed:
