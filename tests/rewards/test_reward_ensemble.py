@@ -111,7 +111,7 @@ def test_config_rewards_are_the_scoring_service_specs():
     assert cfg.rewards == [rewards.RewardSpec(name="temporal_flicker", weight=2.0, backend="ray", num_gpus=0.5)]
     for override, message in [
         ("rewards=[{name: temporal_flicker, weight: abc}]", r"^rewards\[0\]\.weight must be a number, got 'abc'$"),
-        ("rewards=[{name: a, weight: .inf}]", r"^rewards\[0\]: rewards\['a'\]\.weight must be finite, got inf"),
+        ("rewards=[{name: a, weight: .inf}]", r"^rewards\[0\]\.weight must be a finite number, got inf$"),
         ("rewards=[{name: a, backend: gpu}]", r"^rewards\[0\]\.backend must be one of \['local', 'ray'\], got 'gpu'$"),
         ("rewards=[{name: a, wieght: 1}]", r"^unknown config key rewards\[0\]\.wieght; did you mean "
          r"rewards\[0\]\.weight"),
