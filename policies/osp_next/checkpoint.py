@@ -29,66 +29,48 @@ OWN_CLASS_NAME = "OSPNext"
 OWN_WEIGHTS = "model.safetensors"
 _PREFIXES = ("module.", "model.", "_orig_mod.")
 
-# diffusers name -> Wan name; applied in order, the first matching regex wins.
-_DIFFUSERS_TO_WAN = [
-    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
-    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
-    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
-    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
-    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
-    (r"^scale_shift_table$", "head.modulation"),
-    (r"^proj_out\.", "head.head."),
-    (r"^(blocks\.\d+)\.scale_shift_table$", r"\1.modulation"),
-    (r"^(blocks\.\d+)\.attn1\.to_out\.0\.", r"\1.self_attn.o."),
-    (r"^(blocks\.\d+)\.attn2\.to_out\.0\.", r"\1.cross_attn.o."),
-    (r"^(blocks\.\d+)\.attn1\.to_([qkv])\.", r"\1.self_attn.\2."),
-    (r"^(blocks\.\d+)\.attn2\.to_([qkv])\.", r"\1.cross_attn.\2."),
-    (r"^(blocks\.\d+)\.attn1\.(norm_[qk])\.", r"\1.self_attn.\2."),
-    (r"^(blocks\.\d+)\.attn2\.(norm_[qk])\.", r"\1.cross_attn.\2."),
-    (r"^(blocks\.\d+)\.norm2\.", r"\1.norm3."),  # diffusers' norm2 is Wan's cross-attention norm3
-    (r"^(blocks\.\d+)\.ffn\.net\.0\.proj\.", r"\1.ffn.0."),
-    (r"^(blocks\.\d+)\.ffn\.net\.2\.", r"\1.ffn.2."),
+# (diffusers name, Wan name) of the renamed parameters: read left to right on load, right to left on export. A name
+# ending in "." renames a prefix, any other the whole name; _BLOCK_NAMES apply after "blocks.<i>.".
+_TOP_NAMES = [
+    ("condition_embedder.time_embedder.linear_1.", "time_embedding.0."),
+    ("condition_embedder.time_embedder.linear_2.", "time_embedding.2."),
+    ("condition_embedder.text_embedder.linear_1.", "text_embedding.0."),
+    ("condition_embedder.text_embedder.linear_2.", "text_embedding.2."),
+    ("condition_embedder.time_proj.", "time_projection.1."),
+    ("scale_shift_table", "head.modulation"),
+    ("proj_out.", "head.head."),
 ]
+_BLOCK_NAMES = [
+    ("scale_shift_table", "modulation"),
+    ("attn1.to_out.0.", "self_attn.o."),
+    ("attn2.to_out.0.", "cross_attn.o."),
+    *[(f"{attn}.{ours}.", f"{wan}.{theirs}.")
+      for attn, wan in (("attn1", "self_attn"), ("attn2", "cross_attn"))
+      for ours, theirs in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("norm_q", "norm_q"), ("norm_k", "norm_k"))],
+    ("norm2.", "norm3."),  # diffusers' norm2 is Wan's cross-attention norm3
+    ("ffn.net.0.proj.", "ffn.0."),
+    ("ffn.net.2.", "ffn.2."),
+]
+
+
+def _rename(key: str, source: int) -> str:
+    """``key`` renamed from column ``source`` of the name tables to the other column (unknown names unchanged)."""
+    block, rest = re.fullmatch(r"(blocks\.\d+\.)?(.*)", key, flags=re.DOTALL).groups()
+    for pair in _BLOCK_NAMES if block else _TOP_NAMES:
+        old, new = pair[source], pair[1 - source]
+        if rest == old or (old.endswith(".") and rest.startswith(old)):
+            return (block or "") + new + rest[len(old):]
+    return key
 
 
 def diffusers_to_wan_key(key: str) -> str:
     """Wan2.1's original name of a diffusers ``WanTransformer3DModel`` parameter (unknown names unchanged)."""
-    for pattern, replacement in _DIFFUSERS_TO_WAN:
-        new, count = re.subn(pattern, replacement, key)
-        if count:
-            return new
-    return key
-
-
-# Wan name -> diffusers name: the inverse of the table above (one pair per row, the other direction).
-_WAN_TO_DIFFUSERS = [
-    (r"^time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
-    (r"^time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
-    (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
-    (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
-    (r"^time_projection\.1\.", "condition_embedder.time_proj."),
-    (r"^head\.modulation$", "scale_shift_table"),
-    (r"^head\.head\.", "proj_out."),
-    (r"^(blocks\.\d+)\.modulation$", r"\1.scale_shift_table"),
-    (r"^(blocks\.\d+)\.self_attn\.o\.", r"\1.attn1.to_out.0."),
-    (r"^(blocks\.\d+)\.cross_attn\.o\.", r"\1.attn2.to_out.0."),
-    (r"^(blocks\.\d+)\.self_attn\.([qkv])\.", r"\1.attn1.to_\2."),
-    (r"^(blocks\.\d+)\.cross_attn\.([qkv])\.", r"\1.attn2.to_\2."),
-    (r"^(blocks\.\d+)\.self_attn\.(norm_[qk])\.", r"\1.attn1.\2."),
-    (r"^(blocks\.\d+)\.cross_attn\.(norm_[qk])\.", r"\1.attn2.\2."),
-    (r"^(blocks\.\d+)\.norm3\.", r"\1.norm2."),
-    (r"^(blocks\.\d+)\.ffn\.0\.", r"\1.ffn.net.0.proj."),
-    (r"^(blocks\.\d+)\.ffn\.2\.", r"\1.ffn.net.2."),
-]
+    return _rename(key, source=0)
 
 
 def wan_to_diffusers_key(key: str) -> str:
     """diffusers' ``WanTransformer3DModel`` name of a Wan2.1 (OSPNext) parameter (unknown names unchanged)."""
-    for pattern, replacement in _WAN_TO_DIFFUSERS:
-        new, count = re.subn(pattern, replacement, key)
-        if count:
-            return new
-    return key
+    return _rename(key, source=1)
 
 
 def diffusers_config(config: OSPNextConfig) -> dict[str, Any]:

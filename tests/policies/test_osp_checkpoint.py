@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from policies.osp_next import OSPNext, OSPNextConfig
-from policies.osp_next.checkpoint import diffusers_to_wan_key
+from policies.osp_next.checkpoint import config_from_diffusers, diffusers_to_wan_key, wan_to_diffusers_key
 from tests.policies.osp_fixtures import pad_text, tiny_diffusers_wan, tiny_inputs
 
 
@@ -51,6 +51,13 @@ def test_layout_overrides_choose_sparse_blocks(reference, tmp_path):
 
 def _original_state(reference):
     return {diffusers_to_wan_key(key): value.clone() for key, value in reference.state_dict().items()}
+
+
+def test_export_names_are_the_load_names_reversed(reference):
+    names = list(reference.state_dict())
+    wan_names = [diffusers_to_wan_key(name) for name in names]
+    assert set(wan_names) == set(OSPNext(OSPNextConfig(**config_from_diffusers(dict(reference.config)))).state_dict())
+    assert [wan_to_diffusers_key(name) for name in wan_names] == names
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pth"])
