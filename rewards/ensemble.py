@@ -28,6 +28,7 @@ Rewards that report component scores (``Reward.score_with_details``) have them g
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 import queue
@@ -352,8 +353,10 @@ def _timed_out(call: _Call, timeout_s: float) -> ChunkResult:
     return ChunkResult(call.lo, call.hi, None, f"TimeoutError: no scores after {timeout_s:g} s", timed_out=True)
 
 
-class _Lane:
-    """A daemon thread that runs queued calls one after another, each under ``timeout_s`` (0 = no limit)."""
+class _Lane(abc.ABC):
+    """A daemon thread that runs queued calls one after another, each under ``timeout_s`` (0 = no limit).
+
+    The queue, cancellation and close are shared; where a call runs (a thread here, an actor) is ``_run``."""
 
     def __init__(self, name: str, timeout_s: float) -> None:
         self.timeout_s = timeout_s
@@ -390,8 +393,9 @@ class _Lane:
                     result = ChunkResult(call.lo, call.hi, None, f"{type(exc).__name__}: {exc}")
                 call.future.set_result(result)
 
+    @abc.abstractmethod
     def _run(self, call: _Call) -> ChunkResult:
-        raise NotImplementedError
+        """Run ``call`` under the lane's time limit; a failure or overrun is returned as a ChunkResult, not raised."""
 
 
 class _ThreadLane(_Lane):
