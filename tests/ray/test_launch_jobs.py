@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,13 +61,14 @@ TOY = ["train.iterations=2", "train.num_videos=1", "rollout.num_workers=1", "rol
 
 def test_the_documented_submit_runs_the_toy_job_to_success(head, tmp_path):
     run_dir = tmp_path / "run"  # absolute, as docs/ray.md asks (shared storage on a real cluster)
-    done = submit(head, "quickstart", *TOY, "--run-dir", str(run_dir))
+    done = submit(head, "quickstart", *TOY, "rollout.num_workers=2", "--run-dir", str(run_dir))  # docs/ray.md's job
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert "succeeded" in done.stdout + done.stderr
     for name in ("config.yaml", "metrics.parquet", "samples.parquet", "reward_curve.png"):
         assert (run_dir / name).is_file(), name
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     assert [e["ray"] for e in events if e["kind"] == "workers_started"] == ["joined"]
+    assert pd.read_parquet(run_dir / "metrics.parquet")["learner/world_size"].tolist() == [2, 2]
     log = done.stdout + done.stderr
     assert "pretraining a new one" not in log  # the shipped toy base travelled with the upload
     assert [line.split()[1] for line in log.splitlines() if line.startswith("it ")] == ["1/2", "2/2"]
