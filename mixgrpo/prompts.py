@@ -78,10 +78,17 @@ def load_prompts(cfg: PromptConfig, *, eval: bool = False) -> list[Prompt]:
     return read_prompt_file(source)
 
 
-def prompt_metadata(prompts: Sequence[Prompt]) -> dict[str, list[Any]]:
+def field_names(prompts: Sequence[Prompt]) -> list[str]:
+    """The extra fields any of ``prompts`` carries, in first-seen order."""
+    return list(dict.fromkeys(name for prompt in prompts for name in prompt.fields))
+
+
+def prompt_metadata(prompts: Sequence[Prompt], fields: Sequence[str] | None = None) -> dict[str, list[Any]]:
     """Per-sample metadata for ``RewardSet.submit``: field -> one value per prompt, None where a prompt lacks it.
 
-    Pass one ``Prompt`` per sample (each group's prompt repeated ``group_size`` times).
+    Pass one ``Prompt`` per sample (each group's prompt repeated ``group_size`` times) and ``fields``, the names
+    of the whole prompt set (``field_names``): a batch that happens to draw no prompt with a field still passes it,
+    as all None, so a reward that asks for it gets its argument. Without ``fields``, the batch's own names.
     """
-    names = list(dict.fromkeys(name for prompt in prompts for name in prompt.fields))
+    names = list(dict.fromkeys([*(fields or ()), *field_names(prompts)]))
     return {name: [prompt.fields.get(name) for prompt in prompts] for name in names}

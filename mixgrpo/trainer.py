@@ -29,7 +29,7 @@ from mixgrpo.window import build_window_scheduler
 from mixgrpo import media
 from mixgrpo.policy_factory import build_policy
 from mixgrpo.preflight import validate_experiment
-from mixgrpo.prompts import Prompt, load_prompts, prompt_metadata
+from mixgrpo.prompts import Prompt, field_names, load_prompts, prompt_metadata
 from mixgrpo.worker import LocalWorkers, resolve_device
 from rewards.ensemble import RewardError, RewardSet, ScoreTable
 
@@ -102,6 +102,9 @@ class Trainer:
         self.prompts = PromptSampler(load_prompts(cfg.prompts), cfg.train.seed)
         self.eval_prompts = [p.text for p in load_prompts(cfg.prompts, eval=True)][: cfg.train.num_videos]
         self.eval_set = eval_prompt_set(cfg) if cfg.eval.every else []
+        # Every batch passes every field of the prompt set (None where a prompt lacks it): a reward asking for one
+        # must not miss its argument because a batch, or the held-out set, happened to draw no prompt with it.
+        self.prompt_fields = field_names([*self.prompts.prompts, *self.eval_set])
         self.log = RunLog(self.run_dir, resume=resume)  # holds the run directory's lock until close()
         try:
             self.mp4 = not notes  # the only note today: no mp4 encoder here
@@ -207,15 +210,18 @@ class Trainer:
         request = rollouts.request
         records = self.prompts.draw(request.iteration, len(request.prompts))  # stateless: the request's own draw
         members = self.group_ids(rollouts).tolist()
+        scores = self.score_videos(request.iteration, rollouts.videos_BTCHW, request.sample_prompts,
+                                   sample_ids=request.sample_seeds, group_ids=[request.group_ids[g] for g in members],
+                                   metadata=prompt_metadata([records[g] for g in members], self.prompt_fields))
+        return scores, time.perf_counter() - start
+
+    def score_videos(self, iteration: int, videos, texts: list[str], **kwargs) -> ScoreTable:
         try:
-            scores = self.rewards.score(rollouts.videos_BTCHW, request.sample_prompts, sample_ids=request.sample_seeds,
-                                        group_ids=[request.group_ids[g] for g in members],
-                                        metadata=prompt_metadata([records[g] for g in members]))
+            return self.rewards.score(videos, texts, **kwargs)
         except RewardError as error:  # on_reward_error=raise: the failure is an event, then it ends the run
             kind, fields = error.event()
-            self.log.event(kind, iteration=request.iteration, **fields)
+            self.log.event(kind, iteration=iteration, **fields)
             raise
-        return scores, time.perf_counter() - start
 
     def advantages(self, rollouts: RolloutResult, scores: ScoreTable) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Group-relative advantages (TRL's rule for a reward that did not score a sample); every failure, NaN and
@@ -342,8 +348,10 @@ class Trainer:
         texts = [prompt.text for prompt, _ in pairs]
         videos = self.workers.generate(texts, [seed for _, seed in pairs])
         ids = list(range(len(pairs)))  # each video is its own group: a failed score drops that video only
-        scores = self.rewards.score(videos, texts, sample_ids=ids, group_ids=ids,
-                                    metadata=prompt_metadata([prompt for prompt, _ in pairs]))
+        scores = self.score_videos(iteration, videos, texts, sample_ids=ids, group_ids=ids,
+                                   metadata=prompt_metadata([prompt for prompt, _ in pairs], self.prompt_fields))
+        for kind, fields in scores.events():  # as in training; a failed or None score costs that video only
+            self.log.event(kind, iteration=iteration, phase="eval", **fields)
         aggregate = scores.aggregate
         rows = []
         for i, (text, (_, seed)) in enumerate(zip(texts, pairs)):

@@ -11,7 +11,7 @@ import torch
 import rewards
 from mixgrpo.advantages import advantages_from_scores
 from mixgrpo.config import PromptConfig
-from mixgrpo.prompts import Prompt, load_prompts, prompt_metadata, read_prompt_file
+from mixgrpo.prompts import Prompt, field_names, load_prompts, prompt_metadata, read_prompt_file
 from policies.toy import world
 from rewards import registry
 from rewards.ensemble import RewardSet
@@ -61,6 +61,7 @@ def test_prompt_metadata_aligns_fields_with_samples():
     prompts = [Prompt("a", {"x": 1}), Prompt("a", {"x": 1}), Prompt("b", {"y": "z"})]
     assert prompt_metadata(prompts) == {"x": [1, 1, None], "y": [None, None, "z"]}
     assert prompt_metadata([Prompt("a")]) == {}
+    assert prompt_metadata([Prompt("a")], field_names(prompts)) == {"x": [None], "y": [None]}  # the set's fields
 
 
 def test_jsonl_fields_reach_a_trl_reward_end_to_end(tmp_path, monkeypatch):

@@ -71,5 +71,32 @@ def test_a_reward_that_skips_samples_keeps_the_group_with_the_other_rewards(tmp_
                                torch.tensor(samples.loc[skipped, "reward/toy_fidelity"].values) / 1.5,
                                rtol=1e-6, atol=1e-7)
     events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
-    assert [(e["reward"], e["count"]) for e in events if e["kind"] == "reward_nan"] == [("every_other_sample", 2)]
+    nan_events = [e for e in events if e["kind"] == "reward_nan"]
+    assert [(e["reward"], e["count"]) for e in nan_events if "phase" not in e] == [("every_other_sample", 2)]
+    evaluation = pd.read_parquet(tmp_path / "run" / "eval.parquet")
+    for iteration, rows in evaluation.groupby("iteration"):  # the scored evaluation reports its None scores too
+        skipped = int(rows["reward/every_other_sample"].isna().sum())
+        assert [(e["reward"], e["count"]) for e in nan_events
+                if e.get("phase") == "eval" and e["iteration"] == iteration] == [("every_other_sample", skipped)]
     assert not [e for e in events if e["kind"] == "group_dropped"]
+
+
+@register_reward("asked_colour_known", style="trl")
+def asked_colour_known(prompts, completions=None, colour=None, **kwargs):
+    """Reads the JSONL field ``colour`` of each sample (None where its prompt has none)."""
+    return [None if c is None else 1.0 for c in colour]
+
+
+def test_a_field_no_prompt_of_a_batch_carries_still_reaches_the_reward(tmp_path):
+    # Only one of four prompts carries the field, and the held-out evaluation (toy captions) carries none.
+    lines = [{"prompt": "a red circle moving left", "colour": "red"}, {"prompt": "a green square moving up"},
+             {"prompt": "a blue triangle moving down"}, {"prompt": "a yellow circle moving right"}]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    rewards = "rewards=[{name: toy_fidelity}, {name: asked_colour_known, weight: 0.1}]"
+    run = train(tmp_path / "run", "train.iterations=3", f"prompts.source={path}", rewards, "eval.every=1",
+                "eval.max_prompts=2")
+    assert len(run.metrics) == 3
+    scored = run.samples["reward/asked_colour_known"].notna()
+    assert (run.samples.loc[scored, "prompt"] == "a red circle moving left").all()
+    assert pd.read_parquet(tmp_path / "run" / "eval.parquet")["reward/asked_colour_known"].isna().all()
