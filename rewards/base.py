@@ -112,8 +112,9 @@ def accepted_metadata(fn: Callable[..., Any], metadata: Mapping[str, Any], *, po
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):  # no introspectable signature (a builtin): pass everything, as TRL does
         return dict(metadata)
+    filled = {p.name for p in params[:positional]}  # a field of that name would collide with the positional input
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return dict(metadata)
+        return {k: v for k, v in metadata.items() if k not in filled}
     keyword = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     named = {p.name for p in params[positional:] if p.kind in keyword}
     return {k: v for k, v in metadata.items() if k in named}

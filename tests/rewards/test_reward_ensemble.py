@@ -143,14 +143,21 @@ def test_metadata_reaches_the_rewards_that_accept_it(test_rewards):
             seen["declares"] = list(colour)
             return torch.tensor([float(c == "red") for c in colour])
 
-    # "videos" is also the name of the functions' first parameter, filled by position: it is not forced on them
+    @rewards.register_reward("takes_all", style="function")
+    def takes_all(videos, prompts, **fields):
+        seen["takes_all"] = sorted(fields)
+        return videos.float().mean(dim=(1, 2, 3, 4))
+
+    # "videos" is also the name of the functions' first parameter, filled by position: it is not forced on them,
+    # not even on a function that takes **kwargs
     metadata = {"level": [1, 2, 3], "colour": ["red", "blue", "red"], "videos": ["x", "y", "z"]}
-    specs = [{"name": n} for n in ("plain", "named", "declares", "temporal_flicker")]
+    specs = [{"name": n} for n in ("plain", "named", "declares", "takes_all", "temporal_flicker")]
     with RewardSet(specs) as rs:
         table = rs.score(random_videos(3), ["a", "b", "c"], sample_ids=[0, 1, 2], metadata=metadata)
         with pytest.raises(ValueError, match=r"metadata field 'prompts' clashes.*rename that field"):
             rs.score(random_videos(3), ["a", "b", "c"], sample_ids=[0, 1, 2], metadata={"prompts": [1, 2, 3]})
-    assert table.failures == [] and seen == {"named": [1, 2, 3], "declares": ["red", "blue", "red"]}
+    assert table.failures == [] and seen == {"named": [1, 2, 3], "declares": ["red", "blue", "red"],
+                                             "takes_all": ["colour", "level"]}
     assert table.raw["named"].tolist() == [1.0, 2.0, 3.0] and table.raw["declares"].tolist() == [1.0, 0.0, 1.0]
 
 
