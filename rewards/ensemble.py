@@ -37,6 +37,7 @@ import time
 import traceback
 from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before Python 3.11
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -407,8 +408,10 @@ class _ThreadLane(_Lane):
         super().__init__("local", timeout_s)
 
     def _run(self, call: _Call) -> ChunkResult:
-        box: list[ChunkResult] = []
         reward = self.rewards[call.reward]
+        if not self.timeout_s:  # no limit: nothing to abandon, run it on the lane's own thread
+            return score_chunk(reward, call.videos, call.prompts, call.metadata, call.lo, call.hi)
+        box: list[ChunkResult] = []
 
         def target() -> None:
             box.append(score_chunk(reward, call.videos, call.prompts, call.metadata, call.lo, call.hi))
@@ -485,7 +488,7 @@ def _wait(future: Future, deadline: float | None) -> ChunkResult:
             raise TimeoutError("scoring did not finish within the timeout given to ScoreHandle.result")
         try:
             return future.result(timeout=step)
-        except TimeoutError:
+        except FutureTimeout:
             continue
 
 
