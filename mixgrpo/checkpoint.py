@@ -246,10 +246,18 @@ def read_model_weights(path: Path, *, ema: bool = True) -> dict[str, torch.Tenso
     problem = verify_checkpoint(path)
     if problem is not None:
         raise ValueError(f"checkpoint {path} is not usable: {problem}")
+    name = "ema" if ema and has_ema(path) else "model"
     if (path / SHARDED_DIR).is_dir():
-        return _read_sharded(path / SHARDED_DIR, "ema" if ema and _has_group(path / SHARDED_DIR, "ema") else "model")
-    name = "ema" if ema and (path / "ema.safetensors").is_file() else "model"
+        return _read_sharded(path / SHARDED_DIR, name)
     return _load_tensors(path / f"{name}.safetensors")
+
+
+def has_ema(path: Path) -> bool:
+    """Whether checkpoint ``path`` holds an EMA of the trained tensors (a file, or a group of its dcp/ shards)."""
+    path = Path(path)
+    if (path / SHARDED_DIR).is_dir():
+        return _has_group(path / SHARDED_DIR, "ema")
+    return (path / "ema.safetensors").is_file()
 
 
 def _has_group(folder: Path, group: str) -> bool:

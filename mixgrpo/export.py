@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from mixgrpo.checkpoint import read_model_weights, resolve_checkpoint
+from mixgrpo.checkpoint import has_ema, read_model_weights, resolve_checkpoint
 from mixgrpo.config import ExperimentConfig, load_config
 
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.default\.weight$")
@@ -76,18 +76,23 @@ def export(source: str | Path, *, fmt: str, out: Path, ema: bool = True, force: 
         raise ValueError(f"{checkpoint} is a full fine-tune (learner.lora.enabled=false): there is no adapter; "
                          "export the whole transformer with --format diffusers")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give the path of a folder to write")
+    if out.exists() and any(out.iterdir()) and not force:
         raise ValueError(f"--out {out} exists and is not empty; pick another folder or pass --force to replace it")
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = out.with_name(f".{out.name}.tmp")  # written whole, then renamed: a failed export leaves --out as it was
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if fmt == "peft":
-        _write_peft(cfg, read_model_weights(checkpoint, ema=ema), tmp)
-    else:
-        _write_diffusers(cfg, checkpoint, tmp, ema=ema)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    try:
+        if fmt == "peft":
+            _write_peft(cfg, read_model_weights(checkpoint, ema=ema), tmp)
+        else:
+            _write_diffusers(cfg, checkpoint, tmp, ema=ema)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -130,6 +135,6 @@ def add_parser(subparsers) -> None:
 def _main(args: argparse.Namespace) -> int:
     checkpoint = resolve_checkpoint(args.source)
     out = export(checkpoint, fmt=args.fmt, out=args.out, ema=args.ema, force=args.force)
-    ema = args.ema and (checkpoint / "ema.safetensors").is_file()
+    ema = args.ema and has_ema(checkpoint)
     print(f"wrote {out} ({args.fmt}) from {checkpoint} ({'EMA weights' if ema else 'weights'})")
     return 0

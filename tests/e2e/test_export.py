@@ -103,3 +103,20 @@ def test_bad_exports_are_one_line_and_write_nothing(runs, tmp_path, capsys):
     assert "exists and is not empty" in capsys.readouterr().err and (taken / "keep.txt").read_text() == "mine"
     assert main(["export", str(runs / "lora"), "--format", "peft", "--out", str(taken), "--force"]) == 0
     assert (taken / "adapter_model.safetensors").is_file() and not (taken / "keep.txt").exists()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    assert main(["export", str(runs / "lora"), "--format", "peft", "--out", str(a_file), "--force"]) == 2
+    assert "is a file" in capsys.readouterr().err and a_file.read_text() == "mine"
+    assert not list(tmp_path.glob(".*.tmp"))  # no half-written export left behind
+
+
+def test_a_failed_export_leaves_no_temporary_folder(runs, tmp_path, monkeypatch):
+    import mixgrpo.export as export_module
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export_module, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export_module.export(runs / "lora", fmt="peft", out=tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists() and not list(tmp_path.glob(".*"))
