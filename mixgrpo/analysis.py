@@ -26,6 +26,7 @@ import pandas as pd
 import yaml
 
 from mixgrpo.runlog import CONFIG_FILE, EVENTS_FILE, METRICS_FILE, SAMPLES_FILE, read_parquet
+from mixgrpo.tracking import flatten
 
 PathLike = Union[str, os.PathLike]
 
@@ -144,16 +145,8 @@ def load_run(path: PathLike, *, name: str | None = None) -> Run:
 
 def flatten_config(config: Mapping[str, Any], prefix: str = "config") -> dict[str, Any]:
     """{"train": {"lr": 1e-4}} -> {"config.train.lr": 1e-4}; lists become JSON strings so they group."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}.{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten_config(value, name))
-        elif isinstance(value, list):
-            flat[name] = json.dumps(value)
-        else:
-            flat[name] = value
-    return flat
+    return {f"{prefix}.{key}": json.dumps(value) if isinstance(value, list) else value
+            for key, value in flatten(config).items()}
 
 
 def _unique_names(paths: Sequence[Path]) -> list[str]:

@@ -264,7 +264,7 @@ def mlflow_metric_name(name: str) -> str:
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}`` (also used by the trainer's resume check)."""
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``: MLflow params, the resume check, the analysis config columns."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
