@@ -65,6 +65,11 @@ class TrackingConfig:
     def __post_init__(self) -> None:
         from mixgrpo.config import ConfigError
 
+        if isinstance(self.backends, str):  # tracking.backends=tensorboard: one tracker, as the user meant
+            self.backends = [self.backends]
+        if not isinstance(self.backends, (list, tuple)) or not all(isinstance(b, str) for b in self.backends):
+            raise ConfigError(f"tracking.backends must be a list of tracker names, got {self.backends!r}; e.g. "
+                              f"tracking.backends=[tensorboard], or [] for none")
         self.backends = list(self.backends)
         unknown = [b for b in self.backends if b not in BACKENDS]
         if unknown:

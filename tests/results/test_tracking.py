@@ -262,6 +262,9 @@ def test_a_tracker_that_cannot_start_is_reported_and_the_others_still_log(tmp_pa
 def test_unknown_or_missing_tracker_is_a_config_error(monkeypatch):
     with pytest.raises(ConfigError, match=r"tracking.backends: unknown \['neptune'\]; choose from"):
         load_config("quickstart", ["tracking.backends=[neptune]"])
+    assert load_config("quickstart", ["tracking.backends=tensorboard"]).tracking.backends == ["tensorboard"]
+    with pytest.raises(ConfigError, match=r"tracking.backends must be a list of tracker names, got None; e.g. "):
+        load_config("quickstart", ["tracking.backends=null"])
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
     with pytest.raises(ConfigError, match=r"mlflow is not installed; pip install 'mixgrpo\[mlflow\]'"):
