@@ -37,7 +37,10 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
     if not path.is_file():
         raise ValueError(f"prompts: no such prompt file {str(path)!r}; give a text file with one prompt per line "
                          "or a .jsonl file with one {\"prompt\": ...} object per line")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"prompts: {str(path)!r} is not UTF-8 text (byte {error.start}); save it as UTF-8") from None
     if path.suffix.lower() == ".jsonl":
         prompts = [_parse_jsonl_line(line, path, number) for number, line in enumerate(lines, 1) if line.strip()]
     else:
