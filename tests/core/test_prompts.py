@@ -51,7 +51,7 @@ def test_a_bad_jsonl_line_is_named_with_its_fix(tmp_path, line, problem):
 def test_a_prompt_file_that_is_not_utf8_is_named_with_its_fix(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("a caf\u00e9 scene\n".encode("latin-1"))
-    with pytest.raises(ValueError, match=f"prompts: '{path}' is not UTF-8 text \\(byte 6\\); save it as UTF-8"):
+    with pytest.raises(ValueError, match=f"prompts: '{path}' is not UTF-8 text \\(byte 5\\); save it as UTF-8"):
         read_prompt_file(path)
 
 
