@@ -102,6 +102,8 @@ class Trainer:
         self.prompts = PromptSampler(load_prompts(cfg.prompts), cfg.train.seed)
         self.eval_prompts = [p.text for p in load_prompts(cfg.prompts, eval=True)][: cfg.train.num_videos]
         self.eval_set = eval_prompt_set(cfg) if cfg.eval.every else []
+        self.video_seeds = [cfg.train.seed + i for i in range(len(self.eval_prompts))]
+        self._kept, self._kept_version = {}, -1  # see sample()
         # Every batch passes every field of the prompt set (None where a prompt lacks it): a reward asking for one
         # must not miss its argument because a batch, or the held-out set, happened to draw no prompt with it.
         self.prompt_fields = field_names([*self.prompts.prompts, *self.eval_set])
@@ -152,8 +154,8 @@ class Trainer:
         stop_on_sigterm()
         try:
             if self.start_iteration == 0:
-                self.write_videos("start")
                 self.evaluate(-1)  # the base policy, for before/after comparisons (eval.parquet only)
+                self.write_videos("start", version=0)  # after it: reuses its samples, which keep their own batch
             for iteration in bar:
                 tick = time.perf_counter()
                 metrics, samples = self.workers.attempt(lambda: self.step(iteration), iteration)
@@ -167,9 +169,9 @@ class Trainer:
                 if (iteration + 1) % cfg.train.checkpoint_every == 0 or iteration + 1 == cfg.train.iterations:
                     self.checkpoint(iteration + 1)
                 if cfg.train.video_every and (iteration + 1) % cfg.train.video_every == 0:
-                    self.write_videos(f"iter{iteration + 1:06d}")
+                    self.write_videos(f"iter{iteration + 1:06d}", version=iteration + 1)
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", ratio0=f"{metrics['ratio/first_step']:.4f}")
-            self.write_videos("end")
+            self.write_videos("end", version=cfg.train.iterations)
             self.artefact("reward curve", self.plot)
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (`ray job stop`, a scheduler's preemption)
             self.log.event("interrupted", after_iteration=self.log.last_iteration,
@@ -318,12 +320,27 @@ class Trainer:
             rows[b]["video_path"] = str(written) if written else ""
 
     @torch.no_grad()
-    def write_videos(self, tag: str) -> list[Path]:
+    def sample(self, texts: list[str], seeds: list[int], *, version: int) -> torch.Tensor:
+        """Deterministic ODE videos [B, T, C, H, W] of (text, seed) pairs with the weights after ``version``
+        iterations. The sample videos' pairs are kept while the weights stay the same: the scored evaluation and
+        the start/end videos often ask for the same prompt and seed, and a large model's video is not sampled twice."""
+        if self._kept_version != version:
+            self._kept, self._kept_version = {}, version
+        pairs = list(zip(texts, seeds))
+        missing = [pair for pair in dict.fromkeys(pairs) if pair not in self._kept]
+        videos = self.workers.generate([t for t, _ in missing], [s for _, s in missing]) if missing else None
+        fresh = dict(zip(missing, videos)) if missing else {}
+        wanted = set(zip(self.eval_prompts, self.video_seeds))
+        self._kept.update({pair: video for pair, video in fresh.items() if pair in wanted})
+        if missing == pairs:
+            return videos  # as generated: the scores of a batch sampled whole stay bit-identical
+        return torch.stack([fresh[pair] if pair in fresh else self._kept[pair] for pair in pairs])
+
+    def write_videos(self, tag: str, *, version: int) -> list[Path]:
         """Sample the eval prompts with the pure ODE sampler (seeded) and write mp4s plus a contact sheet."""
         if not self.eval_prompts:
             return []
-        seeds = [self.cfg.train.seed + i for i in range(len(self.eval_prompts))]
-        videos = self.workers.generate(self.eval_prompts, seeds)
+        videos = self.sample(self.eval_prompts, self.video_seeds, version=version)
         paths = []
         for index, (prompt, video) in enumerate(zip(self.eval_prompts, videos)):
             path = self.run_dir / "videos" / f"{tag}_{index:02d}_{media_slug(prompt)}.mp4"
@@ -346,7 +363,7 @@ class Trainer:
             return {}
         pairs = [(prompt, seed) for prompt in self.eval_set for seed in self.cfg.eval.seeds]
         texts = [prompt.text for prompt, _ in pairs]
-        videos = self.workers.generate(texts, [seed for _, seed in pairs])
+        videos = self.sample(texts, [seed for _, seed in pairs], version=iteration + 1)
         ids = list(range(len(pairs)))  # each video is its own group: a failed score drops that video only
         scores = self.score_videos(iteration, videos, texts, sample_ids=ids, group_ids=ids,
                                    metadata=prompt_metadata([prompt for prompt, _ in pairs], self.prompt_fields))

@@ -100,3 +100,23 @@ def test_a_field_no_prompt_of_a_batch_carries_still_reaches_the_reward(tmp_path)
     scored = run.samples["reward/asked_colour_known"].notna()
     assert (run.samples.loc[scored, "prompt"] == "a red circle moving left").all()
     assert pd.read_parquet(tmp_path / "run" / "eval.parquet")["reward/asked_colour_known"].isna().all()
+
+
+def test_the_sample_videos_reuse_the_evaluation_samples_of_the_same_weights(tmp_path, monkeypatch):
+    from mixgrpo.worker import PolicyWorker
+
+    generated = []
+    real = PolicyWorker.generate
+
+    def counting(self, prompts, seeds):
+        generated.extend(zip(prompts, seeds))
+        return real(self, prompts, seeds)
+
+    monkeypatch.setattr(PolicyWorker, "generate", counting)
+    train(tmp_path / "run", "train.iterations=1", "train.num_videos=2", "eval.every=1", "eval.max_prompts=3",
+          "eval.seeds=[0, 1]", "train.seed=0")
+    # The sample videos are (prompt 0, seed 0) and (prompt 1, seed 1), both in the evaluation's 3 x 2: the base
+    # evaluation and the final one each sample their 6 pairs once, and the start and end videos reuse them.
+    assert len(generated) == 2 * 3 * 2
+    assert (tmp_path / "run" / "videos" / "start_sheet.png").is_file()
+    assert (tmp_path / "run" / "videos" / "end_sheet.png").is_file()
