@@ -51,7 +51,7 @@ from rewards.base import (
     validate_scores,
     validate_videos,
 )
-from rewards.registry import available, build
+from rewards.registry import available, build, check_args
 
 POLL_S = 0.5
 """Longest uninterrupted wait of ``ScoreHandle.result``, so that Ctrl-C reaches the caller at once."""
@@ -100,6 +100,10 @@ class RewardSpec:
             raise ValueError(f"a reward's name must be a registered reward name, got {self.name!r}")
         if not isinstance(self.args, Mapping):
             raise ValueError(f"{where}.args must be a mapping of constructor arguments, got {self.args!r}")
+        for key in ("weight", "num_gpus", "num_cpus"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{where}.{key} must be a number, got {value!r}")
         if not math.isfinite(self.weight):
             raise ValueError(f"{where}.weight must be finite, got {self.weight}; give a number such as 1.0")
         if self.backend not in ("local", "ray"):
@@ -520,6 +524,8 @@ class RewardSet:
             raise
 
     def _build(self) -> None:
+        for spec in self.config.rewards:  # a wrong argument fails here, naming it, before any reward loads weights
+            check_args(spec.name, spec.args)
         remote = [s for s in self.config.rewards if s.backend == "ray"]
         actors = {}
         if remote:

@@ -214,3 +214,14 @@ def test_ray_actors_match_in_process(ray_cluster, tiny_open_clip):
     assert list(got.details["toy_fidelity"]) == ["colour", "shape", "direction"] and got.details["clip_score"] == {}
     for component, values in want.details["toy_fidelity"].items():
         torch.testing.assert_close(got.details["toy_fidelity"][component], values, rtol=0, atol=0)
+
+
+def test_the_python_api_names_a_bad_spec_field():
+    for spec, message in [
+        ({"name": "toy_fidelity", "weight": "1"}, r"^rewards\['toy_fidelity'\]\.weight must be a number, got '1'$"),
+        ({"name": "toy_fidelity", "num_gpus": None}, r"^rewards\['toy_fidelity'\]\.num_gpus must be a number"),
+        ({"name": "toy_fidelity", "args": {"colour_sigmaa": 1}},
+         r"^reward 'toy_fidelity' cannot take args \['colour_sigmaa'\].*it takes \['colour_sigma'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            RewardSet([spec])
