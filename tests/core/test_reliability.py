@@ -168,8 +168,10 @@ def test_a_reward_that_always_fails_under_drop_stops_the_run_with_the_reason(tmp
                       "rewards=[{name: always_fails}]")
     assert status == 1
     assert "no group could be trained in 2 iterations in a row" in err
-    kinds = [e["kind"] for e in events(tmp_path / "run")]
-    assert kinds.count("reward_failed") == 2 and kinds.count("no_trainable_group") == 2
+    training = [e["kind"] for e in events(tmp_path / "run") if e.get("phase") != "eval"]
+    assert training.count("reward_failed") == 2 and training.count("no_trainable_group") == 2
+    evaluation = [e for e in events(tmp_path / "run") if e.get("phase") == "eval"]
+    assert evaluation and {(e["kind"], e["iteration"]) for e in evaluation} == {("reward_failed", -1)}  # the base's
     assert "the reward server is down" in json.dumps(events(tmp_path / "run"))
 
 
