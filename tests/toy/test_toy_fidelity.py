@@ -83,3 +83,16 @@ def test_scores_are_deterministic_and_bad_inputs_rejected(reward, truth):
         reward.breakdown(truth[:1] * 2, PROMPTS[:1])
     with pytest.raises(ValueError, match="colour_sigma"):
         rewards.build("toy_fidelity", colour_sigma=0.0)
+
+
+def test_background_checkerboard_measures_a_2x2_pattern_on_the_background_only(truth):
+    from rewards.toy_fidelity import background_checkerboard
+
+    clean = background_checkerboard(truth)
+    assert clean.shape == (48,) and clean.max() < 2e-3  # ~5e-4 (RESULTS.md): flat background, object edges excluded
+    sign = torch.tensor([[1.0, -1.0], [-1.0, 1.0]]).repeat(8, 8)  # +-1 in every 2x2 block
+    patterned = background_checkerboard((truth + 0.02 * sign).clamp(0, 1))
+    torch.testing.assert_close(patterned, torch.full((48,), 0.02), atol=2e-3, rtol=0)  # |x00 + x11 - x01 - x10| / 4
+    noisy = background_checkerboard((truth + 0.02 * torch.randn(truth.shape, generator=torch.Generator().manual_seed(0)))
+                                    .clamp(0, 1))
+    assert (noisy < patterned).all()  # white noise is not a checkerboard
