@@ -60,7 +60,7 @@ class PolicyWorker:
 
     def __init__(self, cfg: ExperimentConfig, *, device: torch.device, layout: WorldLayout = WorldLayout()) -> None:
         self.cfg, self.device, self.layout = cfg, device, layout
-        self.sharded = cfg.learner.sharding == "fsdp"
+        self.sharded = cfg.learner.sharding == "fsdp" and layout.world_size > 1  # the config check requires both
         distributed = layout.world_size > 1
         self.policy = build_policy(cfg, device=device, shard=self._shard if distributed else None)
         reference = None
@@ -143,7 +143,8 @@ class PolicyWorker:
 
     def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         """Deterministic ODE videos ``[B, T, C, H, W]`` of the current policy (EMA weights when it keeps one)."""
-        with self._full_parameters(), self._ema_weights():
+        # EMA first: it is copied into the (sharded) parameters, which the gather then assembles for the forward.
+        with self._ema_weights(), self._full_parameters():
             return generate(self.policy, self.cfg, prompts, seed=0, device=self.device, seeds=seeds)
 
     @contextlib.contextmanager
@@ -176,7 +177,11 @@ class PolicyWorker:
         ema = self.learner.ema_state()
         tensors = {"model": {k: v.cpu() for k, v in self.learner.trainable_state().items()},
                    **({"ema": {k: v.cpu() for k, v in ema.items()}} if ema is not None else {})}
-        return tensors, {"optimizer": self.learner.optimizer.state_dict()}
+        # On the CPU like the rest: the driver that unpickles it may have no GPU (and holds no model on one).
+        optimizer = self.learner.optimizer.state_dict()
+        optimizer["state"] = {key: {name: value.cpu() if torch.is_tensor(value) else value for name, value in state.items()}
+                              for key, state in optimizer["state"].items()}
+        return tensors, {"optimizer": optimizer}
 
     def save_sharded(self, folder: str) -> None:
         """Write this rank's shards of weights, Adam state and EMA into ``folder`` (torch.distributed.checkpoint;
