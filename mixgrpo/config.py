@@ -407,6 +407,9 @@ class ExperimentConfig:
                      f"rollout.prompts_per_iteration ({rollout.prompts_per_iteration}) must be >= rollout.num_workers "
                      f"({rollout.num_workers}): every worker group samples and trains on its own prompt groups")
         if self.learner.sharding == "fsdp":
+            _require(rollout.backend == "ray" and rollout.num_workers * rollout.sp_size > 1,
+                     "learner.sharding=fsdp shards over the ranks of the Ray worker groups; set rollout.backend=ray "
+                     "with rollout.num_workers x rollout.sp_size > 1, or learner.sharding=none on one device")
             _require(rollout.prompts_per_iteration % rollout.num_workers == 0,
                      f"learner.sharding=fsdp runs every forward in lockstep over all worker groups: "
                      f"rollout.prompts_per_iteration ({rollout.prompts_per_iteration}) must be a multiple of "
