@@ -279,8 +279,6 @@ class RayWorkers:
         self._cfg_dict = cfg.to_dict()
         self.groups: list[_Group] = []
         self.shares: list[tuple[int, int]] = []
-        self.timings: dict[str, float] = {}
-        """Seconds spent outside the iteration's phases, for the metrics row (the fault snapshot)."""
         self._start()
         self.on_event("workers_started", ray=self.how, num_workers=self.num_groups, sp_size=self.sp_size,
                       world_size=self.world_size, gpu=self.use_gpu, sharding=cfg.learner.sharding)
@@ -301,24 +299,28 @@ class RayWorkers:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         bundle = {"CPU": 1, **({"GPU": 1} if self.use_gpu else {})}
-        groups = []
-        for _ in range(self.num_groups):  # reserve every group first, so all ranks build their policies in parallel
-            pg = placement_group([bundle] * self.sp_size, strategy="STRICT_PACK")
-            if not pg.wait(PLACEMENT_TIMEOUT_S):
-                raise RuntimeError(f"a worker group ({self.sp_size} x {bundle}) got no resources within "
-                                   f"{PLACEMENT_TIMEOUT_S:g} s; check `ray status` and lower rollout.num_workers or "
-                                   "rollout.sp_size")
-            groups.append(pg)
         self.groups = []
-        for g, pg in enumerate(groups):
-            actors = [self._actor_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=pg, placement_group_bundle_index=s)).remote(
-                    self._cfg_dict, WorldLayout(num_groups=self.num_groups, sp_size=self.sp_size,
-                                                rank=g * self.sp_size + s))
-                for s in range(self.sp_size)]
-            self.groups.append(_Group(actors=actors, placement_group=pg))
-        master = ray.get(self.actors[0].master_address.remote())
-        self._call([a.start.remote(master) for a in self.actors], "start")
+        try:
+            # Reserve every group first, so that all ranks build their policies in parallel. Each reservation and
+            # actor is recorded as it is made: a start that fails halfway frees them (_kill) instead of leaking them.
+            for _ in range(self.num_groups):
+                pg = placement_group([bundle] * self.sp_size, strategy="STRICT_PACK")
+                self.groups.append(_Group(actors=[], placement_group=pg))
+                if not pg.wait(PLACEMENT_TIMEOUT_S):
+                    raise RuntimeError(f"a worker group ({self.sp_size} x {bundle}) got no resources within "
+                                       f"{PLACEMENT_TIMEOUT_S:g} s; check `ray status` and lower rollout.num_workers "
+                                       "or rollout.sp_size")
+            for g, group in enumerate(self.groups):
+                group.actors.extend(self._actor_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=group.placement_group, placement_group_bundle_index=s)).remote(
+                        self._cfg_dict, WorldLayout(num_groups=self.num_groups, sp_size=self.sp_size,
+                                                    rank=g * self.sp_size + s))
+                    for s in range(self.sp_size))
+            master = ray.get(self.actors[0].master_address.remote())
+            self._call([a.start.remote(master) for a in self.actors], "start")
+        except BaseException:
+            self._kill()
+            raise
 
     def _kill(self) -> None:
         import ray
@@ -393,9 +395,7 @@ class RayWorkers:
 
     def attempt(self, step: Callable[[], Any], iteration: int) -> Any:
         """Run one iteration; after a rank fault, restart the world from the iteration's starting state and redo it."""
-        tick = time.perf_counter()
         snapshot = self._snapshot() if self.recovery == "snapshot" else None
-        self.timings = {"time/snapshot": time.perf_counter() - tick}
         for attempt in range(self.max_restarts + 1):
             try:
                 return step()
@@ -407,10 +407,16 @@ class RayWorkers:
                 if attempt == self.max_restarts:
                     raise RuntimeError(f"iteration {iteration} failed {attempt + 1} times; last: {fault}") from fault
                 self.on_event("worker_restarted", iteration=iteration, attempt=attempt + 1, error=str(fault))
-                self._kill()
-                preflight(num_workers=self.num_groups, sp_size=self.sp_size, use_gpu=self.use_gpu)
-                self._start()
-                self._restore(snapshot)
+                try:
+                    self._kill()
+                    preflight(num_workers=self.num_groups, sp_size=self.sp_size, use_gpu=self.use_gpu)
+                    self._start()
+                    self._restore(snapshot)
+                except Exception as error:  # e.g. the snapshot was lost with the node that held it
+                    self.on_event("worker_failed", iteration=iteration, error=f"restart failed: {error}")
+                    raise RuntimeError(f"iteration {iteration}: the worker groups could not be restarted after "
+                                       f"'{fault}' ({_first_line(error)}); resume the run with --resume (from its "
+                                       "last checkpoint)") from error
 
     def _snapshot(self) -> list[Any]:
         """Each rank's state at the start of an iteration, as driver-owned object refs (they outlive the actors).

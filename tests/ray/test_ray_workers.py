@@ -229,3 +229,28 @@ def test_rollout_throughput_bench_tiny_smoke(cluster, monkeypatch, capsys):
     assert [r["workers"] for r in rows] == [2]
     # tiny preset: 5 frames of 64 x 64 -> 2 latent frames of 8 x 8 (Wan's 4x / 8x), decoded to 3 channels
     assert all(r["videos"] == 8 and r["videos_per_s"] > 0 and r["video_shape"] == [2, 3, 8, 8] for r in rows)
+
+
+def test_iteration_scaling_bench_tiny_smoke(cluster, monkeypatch, capsys):
+    import runpy
+
+    script = Path(__file__).resolve().parents[2] / "experiments" / "bench" / "iteration_scaling.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--device", "cpu", "--tiny", "--gpus", "2", "--warmup", "0"])
+    runpy.run_path(str(script), run_name="__main__")
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(r["gpus"], r["workers"], r["world_size"]) for r in rows] == [(2, 2, 2)]
+    assert rows[0]["seconds_per_iteration"] > 0 and abs(rows[0]["ratio_first_step"] - 1.0) < 1e-5
+
+
+def test_a_worker_group_that_fails_to_start_frees_its_resources(cluster, weights):
+    import ray
+
+    cfg = load_config(quickstart_path(), tiny(weights, "rollout.backend=ray", "rollout.num_workers=2",
+                                              "learner.lora.enabled=true", "learner.lora.targets=[no_such_module]"))
+    free = ray.available_resources().get("CPU")
+    with pytest.raises(Exception, match="no_such_module"):
+        RayWorkers(cfg)
+    deadline = time.time() + 30
+    while ray.available_resources().get("CPU") != free:  # actors and placement groups released
+        assert time.time() < deadline, (ray.available_resources(), ray.util.placement_group_table())
+        time.sleep(0.2)
