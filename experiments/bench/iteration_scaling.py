@@ -47,7 +47,8 @@ def overrides(args, gpus: int, prompts_file: Path) -> list[str]:
         f"rollout.sp_size={args.sp}", f"rollout.prompts_per_iteration={args.prompts}",
         f"rollout.group_size={args.group}", f"rollout.batch_size={args.batch}",
         f"learner.micro_batch_size={args.micro_batch}", f"learner.optimizer_steps={args.optimizer_steps}",
-        f"train.device={args.device}", "train.num_videos=0", f"train.iterations={args.warmup + args.iters}",
+        f"train.device={args.device}", "train.num_videos=0", "eval.every=0",  # timed: the iterations alone
+        f"train.iterations={args.warmup + args.iters}",
         *args.extra,
     ]
 
@@ -112,11 +113,10 @@ def run_row(args, gpus: int, prompts_file: Path, out_dir: Path) -> dict:
                 ray.get([a.__ray_call__.remote(_start_busy) for a in actors])
             tick = time.perf_counter()
             metrics, _ = trainer.workers.attempt(lambda: trainer.step(iteration), iteration)
-            metrics.update(trainer.workers.timings)
             wall = time.perf_counter() - tick
             trainer.window.advance()
             print(f"  gpus={gpus} iteration {iteration}: {wall:.1f} s (rollout {metrics['time/rollout']:.1f}, "
-                  f"update {metrics['time/update']:.1f}, snapshot {metrics['time/snapshot']:.2f})", flush=True)
+                  f"update {metrics['time/update']:.1f})", flush=True)
             if iteration >= args.warmup:
                 rows.append(metrics)
                 walls.append(wall)
@@ -131,7 +131,6 @@ def run_row(args, gpus: int, prompts_file: Path, out_dir: Path) -> dict:
         "rollout_s": statistics.median(m["time/rollout"] for m in rows),
         "reward_s": statistics.median(m["time/reward"] for m in rows),
         "update_s": statistics.median(m["time/update"] for m in rows),
-        "snapshot_s": statistics.median(m["time/snapshot"] for m in rows),
         "busy_share": busy_share, "busy_s_per_gpu": busy, "timed_wall_s": timed,
         "peak_allocated_gib": max(m["allocated_gib"] for m in memory),
         "peak_reserved_gib": max(m["reserved_gib"] for m in memory),
@@ -177,7 +176,11 @@ def main() -> None:
     if args.tiny:
         args.preset, args.full_blocks, args.frames, args.height, args.width = "tiny", 2, 5, 64, 64
         args.steps, args.window, args.prompts, args.group, args.batch, args.micro_batch = 4, 2, 4, 2, 2, 2
-    counts = [int(g) for g in args.gpus.split(",")]
+    if args.sp < 1 or args.iters < 1 or args.warmup < 0:
+        parser.error(f"need --sp >= 1, --iters >= 1 and --warmup >= 0; got {args.sp}, {args.iters}, {args.warmup}")
+    counts = [int(g) for g in args.gpus.split(",") if g.strip().isdigit() and int(g) > 0]
+    if len(counts) != len(args.gpus.split(",")):
+        parser.error(f"--gpus must be comma-separated positive integers, e.g. 4,2,1; got {args.gpus!r}")
     bad = [g for g in counts if g % args.sp]
     if bad:
         parser.error(f"--gpus {bad} are not multiples of --sp {args.sp}")
