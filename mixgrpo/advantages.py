@@ -365,9 +365,16 @@ class FailureStreak:
         if not (isinstance(limit, int) and limit >= 1):
             raise ValueError(f"limit (train.max_failed_iterations) must be an int >= 1, got {limit!r}")
         self.limit, self.count = limit, 0
+        self._last: tuple[int, int] | None = None  # (iteration, the streak before it)
 
-    def record(self, report: AdvantageReport) -> int:
-        """Count one iteration; returns the current streak, or raises ``NothingTrainedError`` when it hits the limit."""
+    def record(self, report: AdvantageReport, iteration: int | None = None) -> int:
+        """Count one iteration; returns the current streak, or raises ``NothingTrainedError`` when it hits the limit.
+
+        An ``iteration`` recorded again (redone after a worker fault) replaces its first record instead of counting
+        twice."""
+        if iteration is not None and self._last is not None and self._last[0] == iteration:
+            self.count = self._last[1]
+        self._last = None if iteration is None else (iteration, self.count)
         self.count = 0 if report.trainable else self.count + 1
         if self.count >= self.limit:
             raise NothingTrainedError(

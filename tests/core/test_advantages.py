@@ -256,3 +256,5 @@ def test_failure_streak_counts_iterations_in_a_row_and_stops_the_run():
         streak.record(nothing)
     with pytest.raises(ValueError, match="max_failed_iterations"):
         FailureStreak(0)
+    redone = FailureStreak(2)  # an iteration redone after a worker fault counts once
+    assert [redone.record(nothing, 0), redone.record(nothing, 0), redone.record(trained, 1)] == [1, 1, 0]
