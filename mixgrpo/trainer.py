@@ -31,6 +31,7 @@ from mixgrpo.policy_factory import build_policy
 from mixgrpo.preflight import validate_experiment
 from mixgrpo.prompts import Prompt, field_names, load_prompts, prompt_metadata
 from mixgrpo.worker import LocalWorkers, resolve_device
+from mixgrpo.ray_workers import WorkerFault
 from rewards.ensemble import RewardError, RewardSet, ScoreTable
 
 
@@ -159,7 +160,7 @@ class Trainer:
             for iteration in bar:
                 tick = time.perf_counter()
                 metrics, samples = self.workers.attempt(lambda: self.step(iteration), iteration)
-                metrics.update(self.workers.timings, **{"time/total": time.perf_counter() - tick})
+                metrics["time/total"] = time.perf_counter() - tick
                 if self.eval_due(iteration):
                     metrics.update(self.evaluate(iteration))
                 self.log.log_metrics(metrics)
@@ -173,6 +174,9 @@ class Trainer:
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", ratio0=f"{metrics['ratio/first_step']:.4f}")
             self.write_videos("end", version=cfg.train.iterations)
             self.artefact("reward curve", self.plot)
+        except WorkerFault as fault:  # outside attempt() (evaluation, videos, checkpoints): not redone here
+            self.log.event("worker_failed", after_iteration=self.log.last_iteration, error=str(fault))
+            raise RuntimeError(f"{fault}; resume the run with --resume (from its last checkpoint)") from fault
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (`ray job stop`, a scheduler's preemption)
             self.log.event("interrupted", after_iteration=self.log.last_iteration,
                            message="stopped; continue with --resume and the same --run-dir")
@@ -235,7 +239,7 @@ class Trainer:
         for kind, fields in scores.events() + report.events():
             self.log.event(kind, iteration=request.iteration, **fields)
             tqdm.write(f"mixgrpo: iteration {request.iteration}: {fields['message']}", file=sys.stderr)
-        self.failure_streak.record(report)
+        self.failure_streak.record(report, request.iteration)
         return report.advantages, report.keep, report.stats
 
     def plan(self, iteration: int, keep: torch.Tensor) -> UpdatePlan:

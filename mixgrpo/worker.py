@@ -230,7 +230,6 @@ class LocalWorkers:
 
     world_size = 1
     sharded = False
-    timings: dict[str, float] = {}
 
     def __init__(self, cfg: ExperimentConfig, *, on_event: Callable[..., None] | None = None) -> None:
         self.cfg = cfg
