@@ -283,17 +283,12 @@ class Learner:
         """Sum the gradients of every rank (not FSDP-sharded: FSDP summed them in each backward already)."""
         if self.grad_group is None:
             return
-        import torch.distributed as dist
+        from policies.parallel.apply import all_reduce_sum_
 
-        grads = []
         for p in self.params.values():
             if p.grad is None:  # a rank with no rows in this minibatch still takes part in the sum
                 p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-        flat = torch.cat([g.reshape(-1) for g in grads])  # one collective instead of one per tensor
-        dist.all_reduce(flat, group=self.grad_group)
-        for grad, summed in zip(grads, flat.split([g.numel() for g in grads])):
-            grad.copy_(summed.view_as(grad))
+        all_reduce_sum_([p.grad for p in self.params.values()], self.grad_group)
 
     def _clip_gradients(self) -> float:
         norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.cfg.grad_clip)
@@ -303,7 +298,7 @@ class Learner:
     # ---- state ----
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """The trainable tensors (whole, not sharded)."""
+        """The trainable tensors (whole for an unsharded learner; DTensor shards under FSDP)."""
         return {name: p.detach() for name, p in self.params.items()}
 
     def ema_state(self) -> dict[str, torch.Tensor] | None:

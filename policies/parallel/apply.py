@@ -228,10 +228,14 @@ def remove_sequence_parallel(model: nn.Module) -> None:
 
 def sum_gradients(model: nn.Module, group: dist.ProcessGroup) -> None:
     """All-reduce (sum) every parameter gradient over ``group``: the single-device gradient on every rank."""
-    grads = [param.grad for param in model.parameters() if param.grad is not None]
-    if not grads:
+    all_reduce_sum_([param.grad for param in model.parameters() if param.grad is not None], group)
+
+
+def all_reduce_sum_(tensors: list[torch.Tensor], group: dist.ProcessGroup) -> None:
+    """Sum ``tensors`` over ``group`` in place, in one collective (one flat buffer instead of one call each)."""
+    if not tensors:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])  # one collective instead of one per parameter
+    flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat, group=group)
-    for grad, summed in zip(grads, flat.split([g.numel() for g in grads])):
-        grad.copy_(summed.view_as(grad))
+    for tensor, summed in zip(tensors, flat.split([t.numel() for t in tensors])):
+        tensor.copy_(summed.view_as(tensor))
