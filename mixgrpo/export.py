@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from mixgrpo.checkpoint import has_ema, read_model_weights, resolve_checkpoint
 from mixgrpo.config import ExperimentConfig, load_config
+from mixgrpo.runlog import is_run_directory
 
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.default\.weight$")
 
@@ -78,6 +79,9 @@ def export(source: str | Path, *, fmt: str, out: Path, ema: bool = True, force: 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give the path of a folder to write")
+    if out.exists() and (is_run_directory(out) or checkpoint.resolve().is_relative_to(out.resolve())):
+        raise ValueError(f"--out {out} is a run directory or holds the exported checkpoint; --force never replaces "
+                         "those: give a new folder")
     if out.exists() and any(out.iterdir()) and not force:
         raise ValueError(f"--out {out} exists and is not empty; pick another folder or pass --force to replace it")
     tmp = out.with_name(f".{out.name}.tmp")  # written whole, then renamed: a failed export leaves --out as it was

@@ -108,6 +108,11 @@ def test_bad_exports_are_one_line_and_write_nothing(runs, tmp_path, capsys):
     assert main(["export", str(runs / "lora"), "--format", "peft", "--out", str(a_file), "--force"]) == 2
     assert "is a file" in capsys.readouterr().err and a_file.read_text() == "mine"
     assert not list(tmp_path.glob(".*.tmp"))  # no half-written export left behind
+    for target in (runs / "lora", runs / "lora" / "checkpoints"):  # --force never replaces a run or its checkpoint
+        before = sorted(p.name for p in target.iterdir())
+        assert main(["export", str(runs / "lora"), "--format", "peft", "--out", str(target), "--force"]) == 2
+        assert "is a run directory or holds the exported checkpoint" in capsys.readouterr().err
+        assert sorted(p.name for p in target.iterdir()) == before
 
 
 def test_a_failed_export_leaves_no_temporary_folder(runs, tmp_path, monkeypatch):
