@@ -64,9 +64,7 @@ class PolicyConfig(WanPolicyConfig):
         _require(self.sparse_ratio is None or self.sparse_ratio >= 1,
                  f"policy.sparse_ratio must be >= 1, got {self.sparse_ratio}")
         try:
-            self.check_fields()
-            if self.kind == "wan":
-                self.check_sources()
+            self.check_fields()  # the sources (model_dir, ...) are checked by the preflight of a run that loads them
         except ValueError as error:
             raise ConfigError(str(error)) from None
 
@@ -81,12 +79,6 @@ class PromptConfig:
     eval_source: str | None = None
     """Prompts for the sample videos; default: the toy world's held-out captions, or the training prompts."""
 
-    def __post_init__(self) -> None:
-        if self.eval_source not in (None, "toy"):
-            _require(Path(self.eval_source).is_file(), f"prompts.eval_source: no such prompt file {self.eval_source!r}")
-        if self.source != "toy":
-            _require(Path(self.source).is_file(), f"prompts.source: no such prompt file {self.source!r}; "
-                     "give a text file with one prompt per line, a .jsonl file, or 'toy'")
 
 
 @dataclass(kw_only=True)
@@ -357,9 +349,6 @@ class EvalConfig:
         _require(bool(self.seeds) and all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds),
                  f"eval.seeds must be a non-empty list of integers, e.g. [0, 1]; got {self.seeds!r}")
         _require(self.max_prompts >= 0, f"eval.max_prompts must be >= 0 (0: all), got {self.max_prompts}")
-        if self.every and self.prompts != "toy":
-            _require(Path(self.prompts).is_file(), f"eval.prompts: no such prompt file {self.prompts!r}; give a "
-                     "text or .jsonl file, or 'toy' for the toy world's held-out captions")
 
 
 @dataclass(kw_only=True)

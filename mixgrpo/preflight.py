@@ -65,7 +65,22 @@ def check_files(cfg: ExperimentConfig) -> None:
     if policy.kind == "toy" and policy.weights is not None and not Path(policy.weights).is_file():
         raise ConfigError(f"policy.weights: no such file {policy.weights!r}; give a toy base made by `mixgrpo "
                           "toy-pretrain --out FILE`, or leave it unset for the shipped one")
+    # Files are checked here, for the run that reads them, not in the config sections: `mixgrpo config NAME`
+    # prints a shipped config whose paths are still to be filled in, and `sample` never reads the prompt files.
+    prompts = cfg.prompts
+    if prompts.source != "toy" and not Path(prompts.source).is_file():
+        raise ConfigError(f"prompts.source: no such prompt file {prompts.source!r}; give a text file with one prompt "
+                          "per line, a .jsonl file, or 'toy'")
+    if prompts.eval_source not in (None, "toy") and not Path(prompts.eval_source).is_file():
+        raise ConfigError(f"prompts.eval_source: no such prompt file {prompts.eval_source!r}")
+    if cfg.eval.every and cfg.eval.prompts != "toy" and not Path(cfg.eval.prompts).is_file():
+        raise ConfigError(f"eval.prompts: no such prompt file {cfg.eval.prompts!r}; give a text or .jsonl file, or "
+                          "'toy' for the toy world's held-out captions")
     if policy.kind == "wan":
+        try:
+            policy.check_sources()
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         for field in ("model_dir", "transformer_path", "text_encoder_path", "tokenizer_path", "vae_path"):
             value = getattr(policy, field)
             if value is not None and not Path(value).expanduser().exists():

@@ -69,6 +69,7 @@ BAD_VALUES = [
     ("rewards=[{name: clip_score}]", "rewards[0] (clip_score): reward 'clip_score' cannot take args []: missing a "
                                      "required argument: 'checkpoint'"),
     ("rewards=[{name: toy_fidelity, args: {bogus: 1}}]", "got an unexpected keyword argument 'bogus'"),
+    ("prompts.source=nope.txt", "prompts.source: no such prompt file 'nope.txt'; give a text file"),
     ("learner.sharding=fsdp", "learner.sharding=fsdp shards over the ranks of the Ray worker groups; set "
                               "rollout.backend=ray with rollout.num_workers x rollout.sp_size > 1"),
 ]

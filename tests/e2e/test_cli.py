@@ -19,9 +19,8 @@ def subcommands():
     return list(build_parser()._subparsers._group_actions[0].choices)
 
 
-@pytest.mark.parametrize("command", ["train", "config", "sample", "report", "toy-pretrain"])
+@pytest.mark.parametrize("command", subcommands())
 def test_every_subcommand_has_a_working_help(command, capsys):
-    assert command in subcommands()
     with pytest.raises(SystemExit) as done:
         main([command, "--help"])
     assert done.value.code == 0
@@ -46,6 +45,12 @@ def test_shipped_configs_are_addressed_by_name_and_a_wrong_name_lists_them(capsy
     assert main(["config", "quickstrat"]) == 2
     error = capsys.readouterr().err
     assert "'quickstrat' is neither a file nor a shipped config" in error and "osp_next_14b_videoalign" in error
+
+
+@pytest.mark.parametrize("name", shipped_configs())
+def test_config_prints_every_shipped_config_before_its_paths_are_filled_in(name, capsys):
+    assert main(["config", name]) == 0  # model_dir and prompt files are a run's preflight, not the config's
+    assert yaml.safe_load(capsys.readouterr().out)["name"]
 
 
 def test_config_prints_every_key_with_its_value_and_doc_as_valid_yaml(tmp_path, capsys):
