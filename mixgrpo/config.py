@@ -606,10 +606,16 @@ def _typed_value(raw: str, annotation: Any, where: str) -> Any:
     if not text:
         return ""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError(f"override {where}={raw}: not a valid value ({str(error).splitlines()[0]}); quote it or fix "
                           "the brackets") from None
+    if isinstance(value, str) and _NUMBER.fullmatch(text):
+        return float(text)  # YAML 1.1 reads 1e-4 (no dot) as a string; a field of any type means the number
+    return value
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"

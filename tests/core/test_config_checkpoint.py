@@ -38,6 +38,7 @@ def test_overrides_are_typed_and_nested():
     ("rewards.0.weight=2", ("rewards", 0, "weight"), 2.0),
     ("learner.lora.targets.1=self_attn.o", ("learner", "lora", "targets", 1), "self_attn.o"),
     ("eval.seeds=[5, 6]", ("eval", "seeds"), [5, 6]),
+    ("rewards.0.args.colour_sigma=1e-4", ("rewards", 0, "args"), {"colour_sigma": 1e-4}),  # a field of any type
 ])
 def test_overrides_are_read_by_the_type_of_their_field(override, field, expected):
     value = load_config("quickstart", [override])
