@@ -69,7 +69,6 @@ def test_bad_overrides_say_which_and_how_to_fix(override, message):
         ({"window": {"kind": "sliding"}}, ["window.kind", "progressive"]),
         ({"learner": {"kl_coeff": 0.1}}, ["kl_reference", "frozen_copy"]),
         ({"rewards": [{"name": "x"}, {"name": "x"}]}, ["unique"]),
-        ({"policy": {"kind": "wan"}}, ["policy.model_dir"]),
         ({"train": {"seed": "abc"}}, ["train.seed", "number"]),
     ],
 )
@@ -127,9 +126,15 @@ def test_shipped_experiment_configs_load(tmp_path, name):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n")
     path = Path(quickstart_path()).parent / name
-    with pytest.raises(ConfigError, match="policy.model_dir"):
-        load_config(path, [f"prompts.source={prompts}"])
+    from mixgrpo.preflight import check_files
+
+    unfilled = load_config(path, [])  # a shipped config loads (and prints) before its paths are filled in ...
+    with pytest.raises(ConfigError, match=r"prompts.source: no such prompt file 'prompts.txt'"):
+        check_files(unfilled)  # ... and a run's preflight asks for them
+    with pytest.raises(ConfigError, match=r"policy.model_dir: set it to a local diffusers-format Wan2.1 folder"):
+        check_files(load_config(path, [f"prompts.source={prompts}"]))
     cfg = load_config(path, [f"prompts.source={prompts}", f"policy.model_dir={tmp_path}"])
+    check_files(cfg)
     assert cfg.policy.kind == "wan" and cfg.sampler.num_steps == 25
 
 
