@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import re
 import textwrap
 from typing import Any
 
@@ -39,8 +40,8 @@ def field_docs(cls: type) -> dict[str, str]:
 
 def _first_sentence(text: str) -> str:
     flat = " ".join(text.split())
-    end = flat.find(". ")
-    return flat if end < 0 else flat[: end + 1]
+    end = re.search(r"\.\s+(?=[A-Z`(])", flat)  # a full stop before a new sentence, not "e.g. 4n" or "1e-4 .."
+    return flat if end is None else flat[: end.start() + 1]
 
 
 def _scalar(value: Any) -> str:
