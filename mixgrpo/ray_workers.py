@@ -94,7 +94,8 @@ _HOW: str | None = None
 
 def missing_resources(*, num_workers: int, sp_size: int, use_gpu: bool, available: dict[str, float],
                       total: dict[str, float], per_node: list[dict[str, float]]) -> list[str]:
-    """What a run lacks: one CPU (and one GPU) per rank free now, and ``sp_size`` of them on one node per group."""
+    """What a run lacks: one CPU (and one GPU) per rank free now, and ``sp_size`` of them on one node per group
+    (counted node by node: 8 GPUs split 4 + 2 + 2 hold one group of 4, not two)."""
     ranks = num_workers * sp_size
     kinds = ["CPU"] + (["GPU"] if use_gpu else [])
     missing = []
@@ -104,9 +105,13 @@ def missing_resources(*, num_workers: int, sp_size: int, use_gpu: bool, availabl
                            f"({available.get(kind, 0):g} free of {total.get(kind, 0):g} in the cluster)")
     for kind in kinds:
         biggest = max((node.get(kind, 0) for node in per_node), default=0)
+        fit = sum(int(node.get(kind, 0) // sp_size) for node in per_node)  # groups the nodes can hold, each on one
         if sp_size > 1 and biggest < sp_size:
             missing.append(f"a node with {sp_size} {kind}s for one sequence-parallel group "
                            f"(the largest has {biggest:g})")
+        elif sp_size > 1 and fit < num_workers and available.get(kind, 0) >= ranks:  # not already short in total
+            missing.append(f"{num_workers} x {sp_size} {kind}s on single nodes, one sequence-parallel group each "
+                           f"(the nodes can hold {fit})")
     return missing
 
 

@@ -56,6 +56,10 @@ def test_missing_resources_name_cpus_gpus_and_the_node_an_sp_group_needs():
     missing = missing_resources(num_workers=1, sp_size=4, use_gpu=True, available=both, total=both,
                                 per_node=[small, small])
     assert missing == ["a node with 4 GPUs for one sequence-parallel group (the largest has 2)"]
+    uneven = [{"CPU": 8.0, "GPU": 4.0}, {"CPU": 8.0, "GPU": 2.0}, {"CPU": 8.0, "GPU": 2.0}]
+    free = {"CPU": 24.0, "GPU": 8.0}
+    assert missing_resources(num_workers=2, sp_size=4, use_gpu=True, available=free, total=free, per_node=uneven) \
+        == ["2 x 4 GPUs on single nodes, one sequence-parallel group each (the nodes can hold 1)"]
     cpus = {"CPU": 4.0}
     assert missing_resources(num_workers=5, sp_size=1, use_gpu=False, available=cpus, total=cpus, per_node=[cpus]) \
         == ["5 CPUs for 5 worker groups x sp_size 1 (4 free of 4 in the cluster)"]
