@@ -9,7 +9,8 @@
 # cluster for 1 CPU and no GPU; --gpus N reserves GPUs for it (rewards that run inside the driver on a GPU).
 # rollout.backend=ray is added unless the overrides say otherwise; the toy world runs on CPUs:
 #   experiments/launch/submit.sh quickstart rollout.num_workers=2 --run-dir /shared/runs/quickstart
-# Without --no-wait the script follows the job's log until it ends and exits with the job's status.
+# Without --no-wait the script follows the job's log until it ends; it exits 1 if the job failed, else 0 (Ray's
+# `ray job submit` reports a stopped job as 0).
 # Resuming after a failure is the same command with --resume and the same --run-dir (on shared storage).
 # Token authentication: the client needs RAY_AUTH_MODE=token as well as the token (RAY_AUTH_TOKEN,
 # RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token); RAY_AUTH_MODE defaults to token here.
@@ -27,6 +28,10 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 [[ $# -ge 1 ]] || usage
+[[ "$1" != -* ]] || { echo "$0: CONFIG comes first after the script's own options (--gpus, --cpus, --no-wait), got '$1'" >&2; usage; }
+for value in "$gpus" "$cpus"; do
+  [[ "$value" =~ ^[0-9]+([.][0-9]+)?$ ]] || { echo "$0: --gpus and --cpus take a number, got '$value'" >&2; exit 2; }
+done
 : "${RAY_ADDRESS:?set RAY_ADDRESS to the job server address of the cluster, e.g. http://127.0.0.1:8265}"
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 

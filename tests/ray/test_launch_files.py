@@ -25,3 +25,10 @@ def test_submit_script_needs_a_config_and_a_cluster_address():
     no_address = subprocess.run(["bash", script, "quickstart"], capture_output=True, text=True,
                                 env=env)
     assert no_address.returncode != 0 and "set RAY_ADDRESS" in no_address.stderr
+    with_address = {**env, "RAY_ADDRESS": "http://127.0.0.1:1"}  # refused before any contact with it
+    misplaced = subprocess.run(["bash", script, "--run-dir", "/x", "quickstart"], capture_output=True, text=True,
+                               env=with_address)
+    assert misplaced.returncode == 2 and "CONFIG comes first" in misplaced.stderr
+    not_a_number = subprocess.run(["bash", script, "--gpus", "abc", "quickstart"], capture_output=True, text=True,
+                                  env=with_address)
+    assert not_a_number.returncode == 2 and "--gpus and --cpus take a number, got 'abc'" in not_a_number.stderr
