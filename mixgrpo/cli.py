@@ -38,7 +38,7 @@ def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]
 
 
 def _train(args: argparse.Namespace) -> int:
-    from mixgrpo.trainer import train
+    from mixgrpo.driver.trainer import train
 
     config, overrides = _split_config_and_overrides(args.items)
     if args.resume and config is None and args.run_dir is not None and (Path(args.run_dir) / "config.yaml").is_file():
@@ -58,8 +58,8 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from mixgrpo.checkpoint import resolve_checkpoint
-    from mixgrpo.trainer import sample_videos
+    from mixgrpo.engine.checkpoint import resolve_checkpoint
+    from mixgrpo.driver.trainer import sample_videos
 
     config, overrides = _split_config_and_overrides(args.items)
     checkpoint = None
@@ -86,7 +86,7 @@ def _toy_pretrain(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from mixgrpo.report import run
+    from mixgrpo.results.report import run
 
     return run(args)
 
@@ -116,7 +116,7 @@ CONFIG_HELP = ("CONFIG: a shipped config ({names}) or a YAML file; default quick
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mixgrpo.report import add_arguments as add_report_arguments
+    from mixgrpo.results.report import add_arguments as add_report_arguments
 
     parser = argparse.ArgumentParser(prog="mixgrpo", description="Mix-GRPO post-training for sparse video DiTs")
     parser.add_argument("--version", action="version", version=f"mixgrpo {_version()}")
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_arguments(report)
     report.set_defaults(func=_report)
 
-    from mixgrpo.export import add_parser as add_export_parser
+    from mixgrpo.results.export import add_parser as add_export_parser
 
     add_export_parser(sub)
 

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 
 from policies.wan import WanPolicyConfig
-from mixgrpo.tracking import TrackingConfig
+from mixgrpo.results.tracking import TrackingConfig
 from rewards.ensemble import RewardSpec  # one spec for configs and the scoring service: name, weight, args, backend
 
 
@@ -75,7 +75,7 @@ class PromptConfig:
 
     source: str = "toy"
     """``toy`` (the toy world's training captions), a text file with one prompt per line, or a ``.jsonl`` file of
-    ``{"prompt": ..., <field>: ...}`` objects whose extra fields reach the rewards (``mixgrpo.prompts``)."""
+    ``{"prompt": ..., <field>: ...}`` objects whose extra fields reach the rewards (``mixgrpo.driver.prompts``)."""
     eval_source: str | None = None
     """Prompts for the sample videos; default: the toy world's held-out captions, or the training prompts."""
 

@@ -20,8 +20,8 @@ import torch
 
 from mixgrpo.cli import quickstart_path
 from mixgrpo.config import load_config
-from mixgrpo.rollout import RolloutRequest, group_seed
-from mixgrpo.trainer import Trainer
+from mixgrpo.engine.rollout import RolloutRequest, group_seed
+from mixgrpo.driver.trainer import Trainer
 from rewards import register_reward
 
 PROMPTS = ["a red square moving right", "a blue circle moving up", "a green triangle moving left",

@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mixgrpo.analysis import load_run
+from mixgrpo.results.analysis import load_run
 from mixgrpo.cli import quickstart_path
 from mixgrpo.config import load_config
-from mixgrpo.plots import plot_reward_curves
-from mixgrpo.trainer import train
+from mixgrpo.results.plots import plot_reward_curves
+from mixgrpo.driver.trainer import train
 
 
 def quarter_gain(run_dir: Path) -> tuple[float, float, float]:

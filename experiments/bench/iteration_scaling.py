@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from mixgrpo.config import load_config
-from mixgrpo.trainer import Trainer
+from mixgrpo.driver.trainer import Trainer
 
 
 def overrides(args, gpus: int, prompts_file: Path) -> list[str]:

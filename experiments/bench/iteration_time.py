@@ -22,9 +22,9 @@ import time
 
 import torch
 from mixgrpo.config import load_config
-from mixgrpo.learner import Learner, UpdateBatch, plan_update
-from mixgrpo.rollout import LocalRolloutEngine, RolloutRequest, group_seed, text_states
-from mixgrpo.window import build_window_scheduler
+from mixgrpo.engine.learner import Learner, UpdateBatch, plan_update
+from mixgrpo.engine.rollout import LocalRolloutEngine, RolloutRequest, group_seed, text_states
+from mixgrpo.algo.window import build_window_scheduler
 from policies.base import Policy
 from policies.synthetic import build_synthetic_policy
 

@@ -22,9 +22,9 @@ import time
 import torch
 
 from mixgrpo.config import load_config
-from mixgrpo.ray_workers import RayWorkers, ensure_ray
-from mixgrpo.rollout import RolloutRequest, group_seed
-from mixgrpo.window import build_window_scheduler
+from mixgrpo.driver.ray_workers import RayWorkers, ensure_ray
+from mixgrpo.engine.rollout import RolloutRequest, group_seed
+from mixgrpo.algo.window import build_window_scheduler
 
 
 def overrides(args, workers: int) -> list[str]:

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from mixgrpo.checkpoint import list_checkpoints, verify_checkpoint
+from mixgrpo.engine.checkpoint import list_checkpoints, verify_checkpoint
 from mixgrpo.config import ExperimentConfig, load_config
-from mixgrpo.policy_factory import build_policy
-from mixgrpo.rollout import generate
+from mixgrpo.engine.policy_factory import build_policy
+from mixgrpo.engine.rollout import generate
 from policies.toy.world import COLOURS, eval_prompts, parse_caption, train_prompts
 from rewards.toy_fidelity import ToyFidelityReward, background_checkerboard, foreground_alpha
 

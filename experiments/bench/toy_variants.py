@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from mixgrpo.analysis import load_run
+from mixgrpo.results.analysis import load_run
 from mixgrpo.cli import quickstart_path
 from mixgrpo.config import ExperimentConfig, load_config
-from mixgrpo.trainer import Trainer, generate
+from mixgrpo.driver.trainer import Trainer, generate
 from policies.toy.world import eval_prompts, train_prompts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

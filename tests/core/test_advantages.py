@@ -6,7 +6,7 @@ import statistics
 import pytest
 import torch
 
-from mixgrpo.advantages import (
+from mixgrpo.algo.advantages import (
     NO_SCORES,
     DroppedGroup,
     FailureStreak,

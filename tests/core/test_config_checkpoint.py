@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixgrpo.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
+from mixgrpo.engine.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
 from mixgrpo.config import ConfigError, config_from_dict, dump_config, load_config, parse_overrides
 from mixgrpo.cli import quickstart_path
 
@@ -126,7 +126,7 @@ def test_shipped_experiment_configs_load(tmp_path, name):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n")
     path = Path(quickstart_path()).parent / name
-    from mixgrpo.preflight import check_files
+    from mixgrpo.driver.preflight import check_files
 
     unfilled = load_config(path, [])  # a shipped config loads (and prints) before its paths are filled in ...
     with pytest.raises(ConfigError, match=r"prompts.source: no such prompt file 'prompts.txt'"):
@@ -155,7 +155,7 @@ def test_hif8_experiment_quantizes_rollout_and_learner_by_default():
 
 
 def test_resume_refuses_a_changed_config_but_allows_more_iterations(tmp_path):
-    from mixgrpo.trainer import check_resume_config
+    from mixgrpo.driver.trainer import check_resume_config
 
     cfg = load_config(quickstart_path())
     (tmp_path / "config.yaml").write_text(dump_config(cfg))
@@ -165,7 +165,7 @@ def test_resume_refuses_a_changed_config_but_allows_more_iterations(tmp_path):
 
 
 def test_resolve_checkpoint_accepts_a_run_a_checkpoints_folder_or_a_checkpoint(tmp_path):
-    from mixgrpo.checkpoint import resolve_checkpoint, save_checkpoint
+    from mixgrpo.engine.checkpoint import resolve_checkpoint, save_checkpoint
 
     root = tmp_path / "run" / "checkpoints"
     for iteration in (1, 2):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mixgrpo.loss import clipped_surrogate_loss, kl_to_reference
+from mixgrpo.algo.loss import clipped_surrogate_loss, kl_to_reference
 
 
 def test_on_policy_loss_is_minus_mean_advantage_with_policy_gradient():

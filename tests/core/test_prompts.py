@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import rewards
-from mixgrpo.advantages import advantages_from_scores
+from mixgrpo.algo.advantages import advantages_from_scores
 from mixgrpo.config import PromptConfig
-from mixgrpo.prompts import Prompt, field_names, load_prompts, prompt_metadata, read_prompt_file
+from mixgrpo.driver.prompts import Prompt, field_names, load_prompts, prompt_metadata, read_prompt_file
 from policies.toy import world
 from rewards import registry
 from rewards.ensemble import RewardSet

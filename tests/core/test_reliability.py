@@ -124,7 +124,7 @@ def test_a_finished_run_is_not_overwritten_without_resume(tmp_path):
 
 
 def test_a_second_process_on_the_same_run_directory_exits_saying_who_holds_it(tmp_path):
-    from mixgrpo.runlog import RunLog
+    from mixgrpo.results.runlog import RunLog
 
     log = RunLog(tmp_path / "run")  # this process holds the lock, as a running `mixgrpo train` would
     try:
@@ -185,7 +185,7 @@ def test_nan_rewards_drop_their_group_with_an_event(tmp_path):
 
 
 def test_a_missing_mp4_encoder_is_reported_once_and_the_run_completes(tmp_path, monkeypatch):
-    import mixgrpo.media as media
+    import mixgrpo.results.media as media
 
     monkeypatch.setattr(media, "mp4_writer_missing", lambda: "imageio's ffmpeg plugin is not installed")
     with pytest.warns(UserWarning, match="videos are written as contact sheets only"):
@@ -196,7 +196,7 @@ def test_a_missing_mp4_encoder_is_reported_once_and_the_run_completes(tmp_path, 
 
 
 def test_a_failed_optional_write_is_a_warning_and_an_event(tmp_path, monkeypatch):
-    import mixgrpo.media as media
+    import mixgrpo.results.media as media
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")

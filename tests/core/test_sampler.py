@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mixgrpo import sde
-from mixgrpo.sampler import (
+from mixgrpo.algo.sampler import (
     concat_trajectories,
     noise_seed,
     post_window_sigmas,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mixgrpo.window import build_window_scheduler
+from mixgrpo.algo.window import build_window_scheduler
 
 
 def _windows(sched, n):

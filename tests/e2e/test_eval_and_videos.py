@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mixgrpo.analysis import load_run
+from mixgrpo.results.analysis import load_run
 from mixgrpo.cli import main
 from rewards import register_reward
 
@@ -103,7 +103,7 @@ def test_a_field_no_prompt_of_a_batch_carries_still_reaches_the_reward(tmp_path)
 
 
 def test_the_sample_videos_reuse_the_evaluation_samples_of_the_same_weights(tmp_path, monkeypatch):
-    from mixgrpo.worker import PolicyWorker
+    from mixgrpo.engine.worker import PolicyWorker
 
     generated = []
     real = PolicyWorker.generate

@@ -8,10 +8,10 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from mixgrpo.checkpoint import resolve_checkpoint
+from mixgrpo.engine.checkpoint import resolve_checkpoint
 from mixgrpo.cli import main
-from mixgrpo.export import merged_state, run_config
-from mixgrpo.policy_factory import build_policy
+from mixgrpo.results.export import merged_state, run_config
+from mixgrpo.engine.policy_factory import build_policy
 from policies.osp_next.checkpoint import diffusers_config, wan_to_diffusers_key
 
 TINY = ["sampler.num_steps=4", "window.size=2", "rollout.prompts_per_iteration=2", "rollout.group_size=2",
@@ -116,7 +116,7 @@ def test_bad_exports_are_one_line_and_write_nothing(runs, tmp_path, capsys):
 
 
 def test_a_failed_export_leaves_no_temporary_folder(runs, tmp_path, monkeypatch):
-    import mixgrpo.export as export_module
+    import mixgrpo.results.export as export_module
 
     def broken(*args, **kwargs):
         raise OSError("disk full")

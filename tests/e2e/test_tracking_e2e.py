@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from mixgrpo.analysis import load_run
+from mixgrpo.results.analysis import load_run
 
 pytest.importorskip("tensorboard", reason="TensorBoard is the tracker under test (pip install 'mixgrpo[tensorboard]')")
 

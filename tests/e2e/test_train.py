@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mixgrpo.analysis import load_run
+from mixgrpo.results.analysis import load_run
 from mixgrpo.config import load_config
 from mixgrpo.cli import quickstart_path
-from mixgrpo.trainer import Trainer, component_means
+from mixgrpo.driver.trainer import Trainer, component_means
 from rewards.ensemble import ScoreTable
 
 TINY = [

@@ -6,7 +6,7 @@ import torch
 
 from mixgrpo.cli import quickstart_path
 from mixgrpo.config import load_config
-from mixgrpo.trainer import Trainer
+from mixgrpo.driver.trainer import Trainer
 
 SMALL = [
     "sampler.num_steps=4", "window.size=2", "rollout.prompts_per_iteration=3", "rollout.group_size=2",

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.dist
 
 def _check(rank, world, weights):
     from mixgrpo.config import load_config
-    from mixgrpo.worker import PolicyWorker, WorldLayout
+    from mixgrpo.engine.worker import PolicyWorker, WorldLayout
 
     cfg = load_config("quickstart", ["sampler.num_steps=4", "window.size=2", "rollout.prompts_per_iteration=2",
                                      "rollout.group_size=2", "rollout.batch_size=2", "train.device=cpu",

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mixgrpo.ray_workers import contiguous_shares, missing_resources, sample_shares
+from mixgrpo.driver.ray_workers import contiguous_shares, missing_resources, sample_shares
 from policies.parallel import check_degrees, sp_degrees
 
 

@@ -20,13 +20,13 @@ import pytest
 import ray
 import torch
 
-import mixgrpo.ray_workers as ray_workers
-from mixgrpo.analysis import load_run
-from mixgrpo.checkpoint import read_model_weights
+import mixgrpo.driver.ray_workers as ray_workers
+from mixgrpo.results.analysis import load_run
+from mixgrpo.engine.checkpoint import read_model_weights
 from mixgrpo.cli import quickstart_path
 from mixgrpo.config import load_config
-from mixgrpo.ray_workers import RayWorkers
-from mixgrpo.trainer import Trainer
+from mixgrpo.driver.ray_workers import RayWorkers
+from mixgrpo.driver.trainer import Trainer
 from policies.toy import make_toy_policy, save_toy_policy
 
 pytestmark = pytest.mark.ray

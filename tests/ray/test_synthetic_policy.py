@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mixgrpo.config import load_config
-from mixgrpo.policy_factory import build_policy
+from mixgrpo.engine.policy_factory import build_policy
 from policies.synthetic import HashedTextEncoder
 
 TINY = ["policy.kind=synthetic", "policy.preset=tiny", "policy.num_frames=5", "policy.height=64", "policy.width=64",

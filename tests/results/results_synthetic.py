@@ -3,8 +3,8 @@
 import numpy as np
 import torch
 
-from mixgrpo.media import contact_sheet, write_mp4
-from mixgrpo.runlog import RunLog
+from mixgrpo.results.media import contact_sheet, write_mp4
+from mixgrpo.results.runlog import RunLog
 
 PROMPTS = ("a red ball bouncing", "a blue cube sliding", "a green bar rotating")
 # Per-prompt reward trend per iteration: the third prompt gets worse, so improvement signs are testable.

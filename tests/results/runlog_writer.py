@@ -3,7 +3,7 @@
 import sys
 import time
 
-from mixgrpo.runlog import RunLog
+from mixgrpo.results.runlog import RunLog
 
 run_dir, iterations = sys.argv[1], int(sys.argv[2])
 log = RunLog(run_dir)

@@ -9,8 +9,8 @@ import pytest
 from results_synthetic import PROMPTS, TRENDS, write_synthetic_run
 
 from mixgrpo import analysis, plots
-from mixgrpo.report import default_out_dir, main
-from mixgrpo.runlog import RunLog
+from mixgrpo.results.report import default_out_dir, main
+from mixgrpo.results.runlog import RunLog
 
 
 def test_load_run_frames_config_events(synthetic_run):

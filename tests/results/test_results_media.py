@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mixgrpo.media import contact_sheet, read_mp4, to_thwc, write_mp4
+from mixgrpo.results.media import contact_sheet, read_mp4, to_thwc, write_mp4
 
 
 def block_video_TCHW(frames=5, height=4, width=6):

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from mixgrpo.analysis import load_run
-from mixgrpo.runlog import RunLog, slugify
+from mixgrpo.results.analysis import load_run
+from mixgrpo.results.runlog import RunLog, slugify
 
 HERE = Path(__file__).parent
 

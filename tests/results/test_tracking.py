@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mixgrpo.analysis import load_run
+from mixgrpo.results.analysis import load_run
 from mixgrpo.cli import main
 from mixgrpo.config import ConfigError, load_config
-from mixgrpo.tracking import GIF_MAX_FRAMES, build_trackers, mlflow_metric_name
+from mixgrpo.results.tracking import GIF_MAX_FRAMES, build_trackers, mlflow_metric_name
 
 TINY = ["sampler.num_steps=4", "window.size=2", "rollout.prompts_per_iteration=2", "rollout.group_size=2",
         "train.num_videos=0", "learner.micro_batch_size=4", "train.device=cpu", "train.threads=1",
@@ -75,7 +75,7 @@ def test_tensorboard_holds_every_metrics_column_per_iteration(tracked_run):
 def test_tensorboard_shows_evaluation_videos_as_captioned_gifs(tracked_run):
     from PIL import Image
 
-    from mixgrpo.media import read_mp4
+    from mixgrpo.results.media import read_mp4
 
     run_dir, _, _ = tracked_run
     events = tensorboard_events(run_dir)
@@ -101,8 +101,8 @@ def test_tensorboard_shows_evaluation_videos_as_captioned_gifs(tracked_run):
 def test_a_long_large_video_becomes_a_small_gif_of_the_same_duration(tmp_path):
     from PIL import Image
 
-    from mixgrpo.media import write_mp4
-    from mixgrpo.tracking import GIF_MAX_SIDE, animated_gif
+    from mixgrpo.results.media import write_mp4
+    from mixgrpo.results.tracking import GIF_MAX_SIDE, animated_gif
 
     ramp = np.linspace(0.0, 1.0, 60, dtype=np.float32)[:, None, None, None]
     path = write_mp4(tmp_path / "long.mp4", np.broadcast_to(ramp, (60, 200, 400, 3)).copy(), fps=12, layout="THWC")
@@ -187,7 +187,7 @@ def test_metric_names_mlflow_would_reject_are_mapped_and_logged(tracked_run, tmp
     assert mapped[0].startswith("reward/clip_336/mean-")
 
     _, run, _ = tracked_run
-    from mixgrpo.tracking import TrackingConfig
+    from mixgrpo.results.tracking import TrackingConfig
 
     errors = []
     trackers = build_trackers(TrackingConfig(backends=["mlflow"]), tmp_path, run_name="odd", config={"a": {"b": 1}},
@@ -230,7 +230,7 @@ def test_what_each_tracker_holds_after_a_resume(tmp_path):
 
 
 def test_a_failing_tracker_is_an_event_and_training_goes_on(tmp_path, monkeypatch):
-    import mixgrpo.tracking as tracking
+    import mixgrpo.results.tracking as tracking
 
     def broken(self, row, step):
         raise OSError("disk full")
@@ -245,7 +245,7 @@ def test_a_failing_tracker_is_an_event_and_training_goes_on(tmp_path, monkeypatc
 
 
 def test_a_tracker_that_cannot_start_is_reported_and_the_others_still_log(tmp_path):
-    from mixgrpo.tracking import TrackingConfig
+    from mixgrpo.results.tracking import TrackingConfig
 
     (tmp_path / "tensorboard").write_text("a file where TensorBoard wants its folder")
     errors = []
@@ -272,7 +272,7 @@ def test_unknown_or_missing_tracker_is_a_config_error(monkeypatch):
 
 
 def test_console_line_shows_the_numbers_of_its_row():
-    from mixgrpo.tracking import console_line
+    from mixgrpo.results.tracking import console_line
 
     row = {"iteration": 11, "reward/mean": 0.3125, "reward/std": 0.05, "loss": -0.001, "kl": 0.0,
            "clip_fraction": 0.02, "ratio/first_step": 1.0, "time/total": 3.44}

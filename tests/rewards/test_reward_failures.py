@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import rewards
-from mixgrpo.advantages import advantages_from_scores
+from mixgrpo.algo.advantages import advantages_from_scores
 from rewards import registry
 from rewards.ensemble import RewardError, RewardFailure, RewardSet
 from reward_fixtures import random_videos

@@ -98,7 +98,7 @@ class Tracker(Protocol):
         """A PNG (the evaluation sheet, the reward curve)."""
 
     def log_video(self, tag: str, path: Path, step: int, caption: str) -> None:
-        """An mp4 written by ``mixgrpo.media.write_mp4``, with a caption (prompt and reward)."""
+        """An mp4 written by ``mixgrpo.results.media.write_mp4``, with a caption (prompt and reward)."""
 
     def close(self) -> None:
         """Flush and end the run on the tracker's side."""
@@ -162,7 +162,7 @@ def animated_gif(path: Path) -> tuple[bytes, int, int]:
     import imageio.v3 as iio
     from PIL import Image
 
-    from mixgrpo.media import read_mp4, sample_frames, to_uint8
+    from mixgrpo.results.media import read_mp4, sample_frames, to_uint8
 
     frames_THWC = read_mp4(path)
     seconds = len(frames_THWC) / float(iio.immeta(path, plugin="FFMPEG").get("fps") or 4.0)

@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from mixgrpo.sde import dpm_solver_2m_step, euler_step, get_sde_step, x0_from_velocity
+from mixgrpo.algo.sde import dpm_solver_2m_step, euler_step, get_sde_step, x0_from_velocity
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``velocity_fn(x_BCTHW, sigma_B, text_states_BLD) -> v_BCTHW`` with sigma in [0, 1]."""

@@ -18,17 +18,17 @@ def validate_experiment(cfg: ExperimentConfig) -> list[str]:
     check_rewards(cfg)
     check_device(cfg)
     check_files(cfg)
-    from mixgrpo.policy_factory import check_parallel_degrees
+    from mixgrpo.engine.policy_factory import check_parallel_degrees
 
     try:
         check_parallel_degrees(cfg)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     if cfg.rollout.backend == "ray":  # the cluster has what the run asks for (N x S ranks, S per node)
-        from mixgrpo.ray_workers import cluster_fits
+        from mixgrpo.driver.ray_workers import cluster_fits
 
         cluster_fits(cfg)
-    from mixgrpo.media import mp4_writer_missing
+    from mixgrpo.results.media import mp4_writer_missing
 
     missing = mp4_writer_missing()
     return [] if missing is None else [f"videos are written as contact sheets only: {missing}"]

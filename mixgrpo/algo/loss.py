@@ -1,6 +1,6 @@
 """The GRPO objective on one sampler step: PPO-clip surrogate on per-sample log-probs, and a KL to a reference.
 
-Shape legend: B samples. Log-probs are the mean-reduced per-step values of :mod:`mixgrpo.sde` (``[B]``), which is
+Shape legend: B samples. Log-probs are the mean-reduced per-step values of :mod:`mixgrpo.algo.sde` (``[B]``), which is
 why ratios stay within ~1e-4 of 1 and clip ranges of 1e-4 .. 1e-3 are used.
 """
 
@@ -64,7 +64,7 @@ def clipped_surrogate_loss(
 def kl_to_reference(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:
     """KL between N(mean, std^2) and N(mean_ref, std^2) per element, averaged over non-batch elements -> ``[B]``.
 
-    ``mean((mean - mean_ref)^2 / (2 std^2))`` with the full step std of :mod:`mixgrpo.sde` (sigma_t * sqrt(-dt)),
+    ``mean((mean - mean_ref)^2 / (2 std^2))`` with the full step std of :mod:`mixgrpo.algo.sde` (sigma_t * sqrt(-dt)),
     the OSP-Next form. Flow-GRPO's code divides by sigma_t^2 without the sqrt(-dt), a per-step constant rescale.
     ``mean_ref`` is the reference policy's mean (no grad); gradients flow through ``mean``.
     """

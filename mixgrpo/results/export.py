@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from mixgrpo.checkpoint import has_ema, read_model_weights, resolve_checkpoint
+from mixgrpo.engine.checkpoint import has_ema, read_model_weights, resolve_checkpoint
 from mixgrpo.config import ExperimentConfig, load_config
-from mixgrpo.runlog import is_run_directory
+from mixgrpo.results.runlog import is_run_directory
 
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.default\.weight$")
 
@@ -111,7 +111,7 @@ def _write_peft(cfg: ExperimentConfig, weights: dict[str, torch.Tensor], folder:
 
 
 def _write_diffusers(cfg: ExperimentConfig, checkpoint: Path, folder: Path, *, ema: bool) -> None:
-    from mixgrpo.policy_factory import build_policy, load_trained_weights
+    from mixgrpo.engine.policy_factory import build_policy, load_trained_weights
     from policies.osp_next.checkpoint import diffusers_config, wan_to_diffusers_key
 
     policy = build_policy(cfg, device="cpu")

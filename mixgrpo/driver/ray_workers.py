@@ -3,7 +3,7 @@
 One controller (the driver) runs the loop on the CPU and holds no model. ``RayWorkers`` starts
 ``rollout.num_workers`` worker groups of ``rollout.sp_size`` ranks each; every group is reserved by a STRICT_PACK
 placement group (an SSP group never spans nodes) and all ``N x S`` ranks join ONE torch.distributed world (NCCL
-on GPUs, gloo on CPUs) set up inside the actors. Each rank runs a :class:`mixgrpo.worker.PolicyWorker`:
+on GPUs, gloo on CPUs) set up inside the actors. Each rank runs a :class:`mixgrpo.engine.worker.PolicyWorker`:
 
 1. rollout: group g samples its contiguous share of the prompt groups, every rank of the group the same request,
    the video sharded by SSP x Ulysses; rank 0 of the group returns the videos (trajectories stay on the ranks);
@@ -36,9 +36,9 @@ from typing import Any, Callable
 import torch
 
 from mixgrpo.config import ExperimentConfig, config_from_dict
-from mixgrpo.learner import UpdatePlan, UpdateStats, merge_update_stats
-from mixgrpo.rollout import RolloutRequest, RolloutResult
-from mixgrpo.worker import PolicyWorker, WorldLayout
+from mixgrpo.engine.learner import UpdatePlan, UpdateStats, merge_update_stats
+from mixgrpo.engine.rollout import RolloutRequest, RolloutResult
+from mixgrpo.engine.worker import PolicyWorker, WorldLayout
 
 PLACEMENT_TIMEOUT_S = 600.0
 """How long a worker group may wait for its resources (a restarted world waits for the dead one's to free)."""

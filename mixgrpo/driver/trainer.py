@@ -18,20 +18,20 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from mixgrpo.advantages import FailureStreak, advantages_from_scores
-from mixgrpo.checkpoint import load_latest_checkpoint, save_checkpoint
+from mixgrpo.algo.advantages import FailureStreak, advantages_from_scores
+from mixgrpo.engine.checkpoint import load_latest_checkpoint, save_checkpoint
 from mixgrpo.config import ConfigError, ExperimentConfig, config_from_dict, dump_config
-from mixgrpo.learner import UpdatePlan, plan_update
-from mixgrpo.rollout import RolloutRequest, RolloutResult, generate, group_seed
-from mixgrpo.runlog import RunLog, check_config_unchanged
-from mixgrpo.tracking import build_trackers, console_line, flatten, stdout_is_terminal, warn_tracker_failure
-from mixgrpo.window import build_window_scheduler
-from mixgrpo import media
-from mixgrpo.policy_factory import build_policy
-from mixgrpo.preflight import validate_experiment
-from mixgrpo.prompts import Prompt, field_names, load_prompts, prompt_metadata
-from mixgrpo.worker import LocalWorkers, resolve_device
-from mixgrpo.ray_workers import WorkerFault
+from mixgrpo.engine.learner import UpdatePlan, plan_update
+from mixgrpo.engine.rollout import RolloutRequest, RolloutResult, generate, group_seed
+from mixgrpo.results.runlog import RunLog, check_config_unchanged
+from mixgrpo.results.tracking import build_trackers, console_line, flatten, stdout_is_terminal, warn_tracker_failure
+from mixgrpo.algo.window import build_window_scheduler
+from mixgrpo.results import media
+from mixgrpo.engine.policy_factory import build_policy
+from mixgrpo.driver.preflight import validate_experiment
+from mixgrpo.driver.prompts import Prompt, field_names, load_prompts, prompt_metadata
+from mixgrpo.engine.worker import LocalWorkers, resolve_device
+from mixgrpo.driver.ray_workers import WorkerFault
 from rewards.ensemble import RewardError, RewardSet, ScoreTable
 
 
@@ -129,7 +129,7 @@ class Trainer:
 
     def _build_workers(self):
         if self.cfg.rollout.backend == "ray":
-            from mixgrpo.ray_workers import RayWorkers
+            from mixgrpo.driver.ray_workers import RayWorkers
 
             return RayWorkers(self.cfg, on_event=self.log.event)
         return LocalWorkers(self.cfg, on_event=self.log.event)
@@ -137,7 +137,7 @@ class Trainer:
     def _build_rewards(self) -> RewardSet:
         cfg = self.cfg
         if any(spec.backend == "ray" for spec in cfg.rewards):
-            from mixgrpo.ray_workers import ensure_ray
+            from mixgrpo.driver.ray_workers import ensure_ray
 
             ensure_ray()
         # The driver of Ray workers holds no model on a GPU: its in-process rewards run on the CPU.
@@ -425,8 +425,8 @@ class Trainer:
         self.log.event("tracker_failed", tracker=name, error=f"{type(error).__name__}: {error}", message=message)
 
     def plot(self) -> Path:
-        from mixgrpo.plots import plot_reward_curves
-        from mixgrpo.analysis import load_run
+        from mixgrpo.results.plots import plot_reward_curves
+        from mixgrpo.results.analysis import load_run
 
         return plot_reward_curves([load_run(self.run_dir)], self.run_dir / "reward_curve.png")
 
@@ -482,7 +482,7 @@ def component_means(scores: ScoreTable) -> dict[str, float]:
 
 
 def media_slug(prompt: str) -> str:
-    from mixgrpo.runlog import slugify
+    from mixgrpo.results.runlog import slugify
 
     return slugify(prompt)
 

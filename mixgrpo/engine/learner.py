@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from mixgrpo.config import LearnerConfig, SamplerConfig
-from mixgrpo.loss import clipped_surrogate_loss, kl_to_reference
-from mixgrpo.sampler import Trajectory, recompute_log_prob
+from mixgrpo.algo.loss import clipped_surrogate_loss, kl_to_reference
+from mixgrpo.algo.sampler import Trajectory, recompute_log_prob
 
 if TYPE_CHECKING:
     import torch.distributed as dist

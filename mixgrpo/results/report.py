@@ -2,7 +2,7 @@
 
 Writes into DIR (default: RUN/report for one run, else report/ next to the first run):
 
-    summary.csv                  one row per run (mixgrpo.analysis.summarize)
+    summary.csv                  one row per run (mixgrpo.results.analysis.summarize)
     reward_curves.png            reward per iteration, one line per run, one panel per reward
     diagnostics.png              loss, KL, clip fraction, ratio, advantage spread, time
     <run>_prompts.csv/.png       per-prompt improvement, first vs last quarter
@@ -26,8 +26,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mixgrpo import analysis, media, plots
-from mixgrpo.runlog import atomic_path
+from mixgrpo.results import analysis, media, plots
+from mixgrpo.results.runlog import atomic_path
 
 
 def default_out_dir(paths: Sequence[Path]) -> Path:

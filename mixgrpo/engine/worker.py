@@ -1,13 +1,13 @@
 """One rank that samples and learns, and the in-process set of workers of the local backend.
 
-A :class:`PolicyWorker` builds the policy (``mixgrpo.policy_factory.build_policy``), shards it over its world
+A :class:`PolicyWorker` builds the policy (``mixgrpo.engine.policy_factory.build_policy``), shards it over its world
 (sequence parallelism inside a worker group of ``rollout.sp_size`` ranks; FSDP over every rank with
 ``learner.sharding=fsdp``), samples its share of each iteration's prompt groups, keeps the trajectories where they
 were made, and trains on them when the driver sends the advantages. Every rank takes the same optimizer step
 (gradients are summed over all ranks), so no weights ever travel.
 
 :class:`LocalWorkers` is one worker in the driver's process (``rollout.backend=local``);
-``mixgrpo.ray_workers.RayWorkers`` runs ``num_workers x sp_size`` of them as Ray actors. The trainer talks to both
+``mixgrpo.driver.ray_workers.RayWorkers`` runs ``num_workers x sp_size`` of them as Ray actors. The trainer talks to both
 through the same methods.
 """
 
@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from mixgrpo.config import ExperimentConfig
-from mixgrpo.learner import Learner, UpdateBatch, UpdatePlan, UpdateStats, merge_update_stats
-from mixgrpo.policy_factory import build_policy
-from mixgrpo.rollout import LocalRolloutEngine, RolloutRequest, RolloutResult, generate, text_states
+from mixgrpo.engine.learner import Learner, UpdateBatch, UpdatePlan, UpdateStats, merge_update_stats
+from mixgrpo.engine.policy_factory import build_policy
+from mixgrpo.engine.rollout import LocalRolloutEngine, RolloutRequest, RolloutResult, generate, text_states
 
 
 def resolve_device(name: str) -> torch.device:
@@ -192,7 +192,7 @@ class PolicyWorker:
 
     def load_checkpoint(self, path: str) -> None:
         """Restore weights, Adam state and EMA from a checkpoint folder written by this run's configuration."""
-        from mixgrpo.checkpoint import SHARDED_DIR, read_checkpoint
+        from mixgrpo.engine.checkpoint import SHARDED_DIR, read_checkpoint
 
         path = Path(path)
         if (path / SHARDED_DIR).is_dir():

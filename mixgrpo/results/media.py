@@ -19,7 +19,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from mixgrpo.runlog import atomic_path
+from mixgrpo.results.runlog import atomic_path
 
 MIN_SIDE_PX = 128
 # Decoders overshoot [0, 1] by a little; anything beyond this is a wrong scale, not overshoot.

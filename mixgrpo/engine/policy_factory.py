@@ -47,7 +47,7 @@ def build_policy(cfg: ExperimentConfig, *, device: str | torch.device = "cpu", s
 
             apply_hif8(transformer)
         if trainable and cfg.learner.lora.enabled:
-            from mixgrpo.learner import apply_lora
+            from mixgrpo.engine.learner import apply_lora
 
             lora = cfg.learner.lora
             apply_lora(transformer, rank=lora.rank, alpha=lora.alpha, targets=lora.targets)
@@ -88,7 +88,7 @@ def _base_policy(cfg: PolicyConfig, *, device: torch.device) -> Policy:
 
 def load_trained_weights(transformer: nn.Module, checkpoint: str | Path, *, ema: bool = True) -> None:
     """Copy a checkpoint's trained tensors (its EMA when ``ema`` and present) into ``transformer``, sharded or not."""
-    from mixgrpo.checkpoint import read_model_weights
+    from mixgrpo.engine.checkpoint import read_model_weights
     from policies.parallel.fsdp import copy_full_
 
     weights = read_model_weights(Path(checkpoint), ema=ema)

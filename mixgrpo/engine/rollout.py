@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from mixgrpo.config import SamplerConfig
-from mixgrpo.sampler import Trajectory, concat_trajectories, sample
-from mixgrpo.sde import sigma_schedule
+from mixgrpo.algo.sampler import Trajectory, concat_trajectories, sample
+from mixgrpo.algo.sde import sigma_schedule
 from policies.base import Policy
 
 

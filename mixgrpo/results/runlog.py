@@ -8,7 +8,7 @@ Layout (DESIGN.md section 3)::
       samples.parquet    one row per rollout sample
       eval.parquet       one row per evaluation prompt x seed (when eval.every > 0)
       events.jsonl       faults, warnings, resumes: {"time": UTC ISO-8601, "kind": ..., **fields}
-      checkpoints/       owned by mixgrpo.checkpoint
+      checkpoints/       owned by mixgrpo.engine.checkpoint
       videos/            mp4s named by `RunLog.video_path`
 
 Readers never see a half-written file: every parquet write is a full rewrite to a hidden temporary file in the
