@@ -28,10 +28,34 @@ def validate_experiment(cfg: ExperimentConfig) -> list[str]:
         from mixgrpo.driver.ray_workers import cluster_fits
 
         cluster_fits(cfg)
+    if cfg.rollout.backend == "ray" or any(spec.backend == "ray" for spec in cfg.rewards):
+        check_gpus(cfg)
     from mixgrpo.results.media import mp4_writer_missing
 
     missing = mp4_writer_missing()
     return [] if missing is None else [f"videos are written as contact sheets only: {missing}"]
+
+
+def check_gpus(cfg: ExperimentConfig) -> None:
+    """Every GPU the run asks for (worker groups and reward actors) fits the cluster's nodes, or ConfigError now."""
+    import ray
+
+    from mixgrpo.driver.placement import check_gpu_placement, gpu_demand
+    from mixgrpo.driver.ray_workers import ensure_ray
+
+    ensure_ray()
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    device = cfg.train.device
+    has_gpus = any(node.get("GPU", 0) for node in nodes)
+    use_gpu = cfg.rollout.backend == "ray" and (device.startswith("cuda") or (device == "auto" and has_gpus))
+    demand = gpu_demand(num_workers=cfg.rollout.num_workers, sp_size=cfg.rollout.sp_size, use_gpu=use_gpu,
+                        reward_specs=cfg.rewards)
+    if demand.total == 0:
+        return
+    try:
+        check_gpu_placement(demand, [node.get("GPU", 0.0) for node in nodes])
+    except RuntimeError as error:
+        raise ConfigError(str(error)) from None
 
 
 def check_rewards(cfg: ExperimentConfig) -> None:
