@@ -25,6 +25,7 @@ def _inputs(policy, gen):
     return (x_roll, x_upd, text.repeat(2, 1, 1), text, torch.rand(4, generator=gen), torch.rand(2, generator=gen))
 
 
+@pytest.mark.slow
 def test_compiled_blocks_do_not_recompile_across_iterations_and_match_eager(caplog):
     torch._dynamo.reset()
     eager, compiled = build_toy_policy(), build_toy_policy()
