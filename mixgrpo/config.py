@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
+from mixgrpo import yaml_load
 from policies.wan import WanPolicyConfig
 from mixgrpo.results.tracking import TrackingConfig
 from rewards.ensemble import RewardSpec  # one spec for configs and the scoring service: name, weight, args, backend
@@ -606,7 +607,7 @@ def _typed_value(raw: str, annotation: Any, where: str) -> Any:
     if not text:
         return ""
     try:
-        value = yaml.safe_load(text)
+        value = yaml_load.safe_load(text, source=f"override {where}", error=ConfigError)
     except yaml.YAMLError as error:
         raise ConfigError(f"override {where}={raw}: not a valid value ({str(error).splitlines()[0]}); quote it or fix "
                           "the brackets") from None
@@ -645,7 +646,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if path is not None:
         path = resolve_config(path)
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml_load.load_file(path, error=ConfigError) or {}
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

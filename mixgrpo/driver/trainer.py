@@ -18,6 +18,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from mixgrpo import yaml_load
 from mixgrpo.algo.advantages import FailureStreak, advantages_from_scores
 from mixgrpo.engine.checkpoint import load_latest_checkpoint, save_checkpoint
 from mixgrpo.config import ConfigError, ExperimentConfig, config_from_dict, dump_config
@@ -44,7 +45,7 @@ def check_resume_config(cfg: ExperimentConfig, run_dir: Path) -> None:
     if not written.is_file():
         return
     check_config_unchanged(run_dir)
-    stored = yaml.safe_load(written.read_text()) or {}
+    stored = yaml_load.load_file(written) or {}
     try:
         stored = yaml.safe_load(dump_config(config_from_dict(stored)))  # fills in keys newer than the run
     except ConfigError:
