@@ -35,11 +35,14 @@ def validate_experiment(cfg: ExperimentConfig) -> list[str]:
 
 
 def check_rewards(cfg: ExperimentConfig) -> None:
+    from rewards.arg_types import ArgTypeError
     from rewards.registry import check_args
 
     for index, spec in enumerate(cfg.rewards):
         try:
             check_args(spec.name, spec.args)
+        except ArgTypeError as error:  # named as the override that sets it: rewards.0.args.colour_sigma
+            raise ConfigError(f"rewards.{index}.{error} (reward {spec.name})") from None
         except (ValueError, ImportError) as error:
             raise ConfigError(f"rewards[{index}] ({spec.name}): {error}") from None
 
