@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mixgrpo.config import ConfigError, ExperimentConfig
+from mixgrpo.driver.prompts import check_toy_captions
 
 
 def validate_experiment(cfg: ExperimentConfig) -> list[str]:
@@ -18,6 +19,7 @@ def validate_experiment(cfg: ExperimentConfig) -> list[str]:
     check_rewards(cfg)
     check_device(cfg)
     check_files(cfg)
+    _as_config_error(check_toy_captions, cfg)  # a caption the toy reward cannot parse: refused now, not mid-run
     from mixgrpo.engine.policy_factory import check_parallel_degrees
 
     try:
@@ -32,6 +34,13 @@ def validate_experiment(cfg: ExperimentConfig) -> list[str]:
 
     missing = mp4_writer_missing()
     return [] if missing is None else [f"videos are written as contact sheets only: {missing}"]
+
+
+def _as_config_error(check, cfg: ExperimentConfig) -> None:
+    try:
+        check(cfg)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def check_rewards(cfg: ExperimentConfig) -> None:
