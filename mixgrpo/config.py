@@ -126,7 +126,7 @@ class WindowConfig:
     shift_interval: int = 25
     """tau: iterations between window moves (progressive)."""
     stride: int = 1
-    """s: steps the window moves each time (progressive)."""
+    """s: steps the window moves each time (progressive); >= 1 (window.kind=frozen keeps it in place)."""
     roll_back: bool = True
     """progressive: restart at step 0 after reaching the last step."""
     max_shift_interval: int = 10
@@ -145,7 +145,7 @@ class WindowConfig:
         _require(self.start >= 0, f"window.start must be >= 0, got {self.start}")
         _require(self.shift_interval >= 1, f"window.shift_interval must be >= 1, got {self.shift_interval}")
         _require(0 < self.train_fraction <= 1, f"window.train_fraction must be in (0, 1], got {self.train_fraction}")
-        _require(self.stride >= 0, f"window.stride must be >= 0 (0 freezes the window), got {self.stride}")
+        _require(self.stride >= 1, f"window.stride must be >= 1 (steps per move); for a window that stays put use window.kind=frozen, got {self.stride}")
         _require(1 <= self.min_shift_interval <= self.max_shift_interval,
                  f"window.min_shift_interval ({self.min_shift_interval}) must be in [1, window.max_shift_interval="
                  f"{self.max_shift_interval}]")
@@ -315,6 +315,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require(self.iterations >= 1, f"train.iterations must be >= 1, got {self.iterations}")
+        _require(self.seed >= 0, f"train.seed must be >= 0 (seeds of torch and numpy are unsigned), got {self.seed}")
         _require(self.threads >= 0, f"train.threads must be >= 0 (0: torch's default), got {self.threads}")
         _require(self.num_videos >= 0, f"train.num_videos must be >= 0, got {self.num_videos}")
         _require(_is_device(self.device), f"train.device {self.device!r} is not a device; use auto, cpu, cuda or "

@@ -11,7 +11,6 @@ from __future__ import annotations
 import random
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from mixgrpo.results.runlog import RunLog, check_config_unchanged
 from mixgrpo.results.tracking import build_trackers, console_line, flatten, stdout_is_terminal, warn_tracker_failure
 from mixgrpo.algo.window import build_window_scheduler
 from mixgrpo.results import media
+from mixgrpo.results.notices import notice
 from mixgrpo.engine.policy_factory import build_policy
 from mixgrpo.driver.preflight import validate_experiment
 from mixgrpo.driver.prompts import Prompt, field_names, load_prompts, prompt_metadata
@@ -113,8 +113,7 @@ class Trainer:
         try:
             self.mp4 = not notes  # the only note today: no mp4 encoder here
             for note in notes:
-                warnings.warn(note, stacklevel=2)
-                self.log.event("artefact_skipped", message=note)
+                notice(note, log=self.log, kind="artefact_skipped")
             self.workers = self._build_workers()
             self.rewards = self._build_rewards()
             self.failure_streak = FailureStreak(cfg.train.max_failed_iterations)
@@ -305,8 +304,8 @@ class Trainer:
                 raise ValueError(f"--resume: {self.run_dir / 'checkpoints'} holds no intact checkpoint, but the run "
                                  f"logged iterations up to {self.log.last_iteration}; nothing was deleted. Restore a "
                                  "checkpoint, or start a new --run-dir")
-            warnings.warn(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}; starting from iteration 0",
-                          stacklevel=2)
+            notice(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}; starting from iteration 0",
+                   log=self.log, kind="resume_without_checkpoint")
             return 0
         self.workers.load_checkpoint(ckpt.path)
         torch.set_rng_state(ckpt.objects["rng"]["torch"])
@@ -409,8 +408,7 @@ class Trainer:
             return write(*args, **kwargs)
         except Exception as error:  # noqa: BLE001 -- any failure of an optional file must not stop training
             message = f"could not write the {what}: {type(error).__name__}: {error}"
-            self.log.event("artefact_failed", what=what, error=f"{type(error).__name__}: {error}", message=message)
-            warnings.warn(message, stacklevel=2)
+            notice(message, log=self.log, kind="artefact_failed", what=what, error=f"{type(error).__name__}: {error}")
             return None
 
     def report(self, iteration: int, metrics: dict[str, float]) -> None:
