@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mixgrpo.config import ConfigError, ExperimentConfig
+from mixgrpo.driver.prompts import check_toy_captions
 
 
 def validate_experiment(cfg: ExperimentConfig) -> list[str]:
@@ -18,6 +19,7 @@ def validate_experiment(cfg: ExperimentConfig) -> list[str]:
     check_rewards(cfg)
     check_device(cfg)
     check_files(cfg)
+    _as_config_error(check_toy_captions, cfg)  # a caption the toy reward cannot parse: refused now, not mid-run
     from mixgrpo.engine.policy_factory import check_parallel_degrees
 
     try:
@@ -58,12 +60,22 @@ def check_gpus(cfg: ExperimentConfig) -> None:
         raise ConfigError(str(error)) from None
 
 
+def _as_config_error(check, cfg: ExperimentConfig) -> None:
+    try:
+        check(cfg)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
 def check_rewards(cfg: ExperimentConfig) -> None:
+    from rewards.arg_types import ArgTypeError
     from rewards.registry import check_args
 
     for index, spec in enumerate(cfg.rewards):
         try:
             check_args(spec.name, spec.args)
+        except ArgTypeError as error:  # named as the override that sets it: rewards.0.args.colour_sigma
+            raise ConfigError(f"rewards.{index}.{error} (reward {spec.name})") from None
         except (ValueError, ImportError) as error:
             raise ConfigError(f"rewards[{index}] ({spec.name}): {error}") from None
 
