@@ -1,0 +1,78 @@
+"""The README's journeys as a newcomer types them: relative run directories, the notebook on the default run,
+`mixgrpo report` on it."""
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from mixgrpo.cli import main
+from mixgrpo.results.analysis import load_run
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["sampler.num_steps=4", "window.size=2", "window.shift_interval=1", "rollout.prompts_per_iteration=2",
+        "rollout.group_size=2", "train.num_videos=1", "learner.optimizer_steps=1", "learner.micro_batch_size=4",
+        "train.device=cpu", "train.threads=1", "train.sample_videos_per_iteration=2"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A two-iteration toy run trained with the relative `--run-dir runs/quickstart` (trained once per module)."""
+    root = tmp_path_factory.mktemp("clone")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert main(["train", *TINY, "train.iterations=2", "--run-dir", "runs/quickstart"]) == 0
+    finally:
+        os.chdir(cwd)
+    return root / "runs" / "quickstart"
+
+
+@pytest.fixture
+def relative_run(trained, tmp_path, monkeypatch):
+    """A copy of the trained run at tmp_path/runs/quickstart, with the working directory at tmp_path."""
+    shutil.copytree(trained, tmp_path / "runs" / "quickstart")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_a_relative_run_dir_stores_run_relative_video_paths_that_load_run_opens(relative_run):
+    run = load_run("runs/quickstart")
+    paths = [p for p in run.samples["video_path"] if p]
+    assert paths and all(p.startswith("videos/") for p in paths)
+    assert all(run.video(p).is_file() and run.video(p).stat().st_size > 0 for p in paths)
+    moved = shutil.move("runs/quickstart", "elsewhere")  # the directory can be moved, even from another cwd
+    os.chdir("/")
+    assert all(load_run(relative_run / moved).video(p).is_file() for p in paths)
+
+
+def test_report_on_a_relative_run_includes_the_training_sample_sheet(relative_run, capsys):
+    assert main(["report", "runs/quickstart"]) == 0
+    assert (relative_run / "runs" / "quickstart" / "report" / "quickstart_samples.png").is_file()
+    assert "quickstart_samples.png" in capsys.readouterr().out
+
+
+def test_run_video_finds_videos_of_runs_that_stored_working_directory_paths(relative_run):
+    run = load_run("runs/quickstart")
+    name = next(p for p in run.samples["video_path"] if p)
+    assert run.video(f"runs/quickstart/{name}").is_file()  # what older runs stored
+
+
+@pytest.mark.slow
+def test_the_notebook_executes_on_the_default_run_dir(relative_run, monkeypatch):
+    (relative_run / "experiments").mkdir()
+    notebook_path = shutil.copy(REPO / "experiments" / "analysis.ipynb", relative_run / "experiments")
+    monkeypatch.delenv("MIXGRPO_RUN_DIR", raising=False)
+    monkeypatch.delenv("MIXGRPO_COMPARE_RUNS", raising=False)
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    notebook = nbformat.read(notebook_path, as_version=4)
+    NotebookClient(notebook, timeout=120, kernel_name="python3",
+                   resources={"metadata": {"path": str(relative_run / "experiments")}}).execute()
+    html = "".join(out["data"].get("text/html", "") for cell in notebook.cells if cell.cell_type == "code"
+                   for out in cell.outputs if "data" in out)
+    assert "data:video/mp4;base64," in html
