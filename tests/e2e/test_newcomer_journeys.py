@@ -76,3 +76,44 @@ def test_the_notebook_executes_on_the_default_run_dir(relative_run, monkeypatch)
     html = "".join(out["data"].get("text/html", "") for cell in notebook.cells if cell.cell_type == "code"
                    for out in cell.outputs if "data" in out)
     assert "data:video/mp4;base64," in html
+
+
+def using_it_lines():
+    """The `mixgrpo ...` lines of README's "Using it" block, as argument lists without the comments."""
+    import shlex
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    block = text.split("## Using it", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+    assert lines and all(line[0] == "mixgrpo" for line in lines)
+    return [line[1:] for line in lines]
+
+
+def test_the_readme_using_it_lines_run_in_order():
+    """Each line parses, each `train` config loads, a fresh `train` never lands in an earlier line's run directory,
+    a `--resume` continues one, and a checkpoint named later is one that an earlier run writes and keeps."""
+    from mixgrpo.cli import _split_config_and_overrides, build_parser
+    from mixgrpo.config import load_config
+
+    runs: dict[Path, int] = {}  # run directory -> iterations trained so far
+    for argv in using_it_lines():
+        args = build_parser().parse_args(argv)
+        if args.command == "train":
+            config, overrides = _split_config_and_overrides(args.items)
+            run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / load_config(config or "quickstart").name
+            if args.resume:
+                assert run_dir in runs, f"{argv} resumes {run_dir}, which no earlier line trains"
+                cfg = load_config(config or "quickstart", overrides)  # the run's config plus train.iterations
+                assert cfg.train.iterations > runs[run_dir], f"{argv} would resume a finished run"
+            else:
+                assert run_dir not in runs, f"{argv} trains into {run_dir}, which an earlier line already filled"
+                cfg = load_config(config or "quickstart", overrides)
+            runs[run_dir] = cfg.train.iterations
+        for path in [getattr(args, "checkpoint", None), *getattr(args, "runs", [])]:
+            if path and "checkpoints" in path:
+                run_dir, name = Path(path).parent.parent, Path(path).name
+                assert run_dir in runs and name == f"iter_{runs[run_dir]:06d}", f"{path}: no earlier line writes it"
+            elif path:
+                assert Path(path) in runs, f"{argv} reads {path}, which no earlier line trains"
+        if args.command == "export":
+            assert Path(args.source) in runs, f"{argv} exports {args.source}, which no earlier line trains"
