@@ -41,10 +41,21 @@ def _train(args: argparse.Namespace) -> int:
     from mixgrpo.driver.trainer import train
 
     config, overrides = _split_config_and_overrides(args.items)
-    if args.resume and config is None and args.run_dir is not None and (Path(args.run_dir) / "config.yaml").is_file():
-        config = str(Path(args.run_dir) / "config.yaml")  # resume the run with the config it was started with
-    cfg = load_config(config or "quickstart", overrides)
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
+    if args.resume:  # the run's own config.yaml, whichever way the run directory is named
+        from mixgrpo.driver.resume import finished_line, resume_config, resume_run_dir
+
+        run_dir = resume_run_dir(args.run_dir, config)
+        cfg = resume_config(run_dir, config, overrides)
+        from mixgrpo.driver.trainer import check_resume_config
+
+        check_resume_config(cfg, run_dir)  # a changed setting is refused even when the run is finished
+        done = finished_line(run_dir, cfg)
+        if done is not None:
+            print(done)
+            return 0
+    else:
+        cfg = load_config(config or "quickstart", overrides)
+        run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
     train(cfg, run_dir=run_dir, resume=args.resume)
     return 0
 

@@ -390,6 +390,10 @@ class RunLog:
         index = _iteration(index, "video_path index")
         return self.run_dir / "videos" / f"it{iteration:06d}_{slugify(prompt)}_{index:02d}.mp4"
 
+    def logged_iterations_after(self, iteration: int) -> list[int]:
+        """The metrics rows' iterations after `iteration` (what `truncate_after(iteration)` would drop)."""
+        return [int(r["iteration"]) for r in self._metric_rows if r["iteration"] > iteration]
+
     def truncate_after(self, iteration: int) -> None:
         """Drop metric and sample rows with iteration > `iteration` (the resumed checkpoint's), and their videos."""
         self._check_open()

@@ -22,7 +22,9 @@ TINY = ["sampler.num_steps=4", "window.size=2", "window.shift_interval=1", "roll
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A two-iteration toy run trained with the relative `--run-dir runs/quickstart` (trained once per module)."""
-    root = tmp_path_factory.mktemp("clone")
+    # one level down: tests elsewhere check that no test folder gained a runs/ by mistake
+    root = tmp_path_factory.mktemp("trained") / "clone"
+    root.mkdir()
     cwd = os.getcwd()
     os.chdir(root)
     try:
@@ -34,10 +36,10 @@ def trained(tmp_path_factory):
 
 @pytest.fixture
 def relative_run(trained, tmp_path, monkeypatch):
-    """A copy of the trained run at tmp_path/runs/quickstart, with the working directory at tmp_path."""
-    shutil.copytree(trained, tmp_path / "runs" / "quickstart")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+    """A copy of the trained run at CLONE/runs/quickstart, with the working directory at CLONE (under tmp_path)."""
+    shutil.copytree(trained, tmp_path / "clone" / "runs" / "quickstart")
+    monkeypatch.chdir(tmp_path / "clone")
+    return tmp_path / "clone"
 
 
 def test_a_relative_run_dir_stores_run_relative_video_paths_that_load_run_opens(relative_run):
