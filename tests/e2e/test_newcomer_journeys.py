@@ -119,3 +119,27 @@ def test_the_readme_using_it_lines_run_in_order():
                 assert Path(path) in runs, f"{argv} reads {path}, which no earlier line trains"
         if args.command == "export":
             assert Path(args.source) in runs, f"{argv} exports {args.source}, which no earlier line trains"
+
+
+def test_the_run_ends_with_what_it_did_and_report_prints_it_again(relative_run, capsys):
+    import json
+
+    summary = json.loads(Path("runs/quickstart/summary.json").read_text())
+    assert set(summary["attributes"]) == {"colour", "shape", "direction"}
+    for attribute in summary["attributes"].values():
+        assert 0 <= attribute["right_before"] <= 1 and 0 <= attribute["right_after"] <= 1
+    assert summary["eval_iterations"] == [-1, 1] and summary["eval_reward"]["after"] is not None
+    assert set(summary["files"]) == {"start sheet", "end sheet", "reward curve"}
+    assert main(["report", "runs/quickstart"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out samples drawn right (component > 0.5), the base -> after 2 iterations:" in out
+    assert "colour" in out and "end sheet: runs/quickstart/videos/end_sheet.png" in out
+
+
+def test_summary_lines_without_an_evaluation_say_only_what_there_is(tmp_path):
+    from mixgrpo.results.summary import summary_lines, write_summary
+
+    assert write_summary(tmp_path) == [] and summary_lines({"attributes": {}, "eval_reward": None,
+                                                            "train_reward": {"first": 0.1, "last": 0.2},
+                                                            "files": {}}) == \
+        ["training reward, first -> last iteration: 0.100 -> 0.200"]
