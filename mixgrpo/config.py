@@ -51,10 +51,14 @@ class PolicyConfig(WanPolicyConfig):
     """Full-attention blocks of layout=dual_end, split between both ends (OSP-Next: 8)."""
     sparse_ratio: int | None = 2
     """Skiparse k: sparse blocks attend within k*k subsequences (OSP-Next: 2)."""
-    gradient_checkpointing: bool = False
-    """Recompute each transformer block in backward (activation memory of one block instead of all)."""
-    quantization: Literal["none", "hif8"] = "none"
-    """``hif8``: HiF8 fake-quantized forward and backward of the transformer, in rollouts and updates alike."""
+    gradient_checkpointing: bool | int | str = False
+    """Blocks recomputed in backward: false/none, true/all, full_blocks, sparse_blocks, or N (the first N blocks).
+
+    Checkpoint only as many as memory needs: each recomputed block costs one more forward in the update."""
+    quantization: Literal["none", "hif8", "fp8"] = "none"
+    """``hif8``: HiF8 fake-quantized transformer; ``fp8``: torchao float8 training linears; rollouts and updates alike."""
+    compile: bool | Literal["auto"] = "auto"
+    """torch.compile each transformer block (regional); ``auto``: on CUDA devices only. Compile time is logged."""
     preset: str = "wan2.1-t2v-1.3b"
     """synthetic: the ``OSPNextConfig`` preset whose shapes the random transformer has."""
 
@@ -63,6 +67,14 @@ class PolicyConfig(WanPolicyConfig):
                  f"policy.kind must be 'toy', 'wan' or 'synthetic', got {self.kind!r}")
         _require(self.sparse_ratio is None or self.sparse_ratio >= 1,
                  f"policy.sparse_ratio must be >= 1, got {self.sparse_ratio}")
+        _require(self.compile in (True, False, "auto"),
+                 f"policy.compile must be auto, true or false, got {self.compile!r}")
+        from policies.checkpointing import parse_checkpointing
+
+        try:
+            self.gradient_checkpointing = parse_checkpointing(self.gradient_checkpointing)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         try:
             self.check_fields()  # the sources (model_dir, ...) are checked by the preflight of a run that loads them
         except ValueError as error:

@@ -17,6 +17,7 @@ from torch import nn
 
 from mixgrpo.config import ExperimentConfig, PolicyConfig
 from policies.base import Policy
+from policies.compile import maybe_compile
 
 Shard = Callable[[nn.Module], None]
 """Applied to the transformer in place after HiF8 and LoRA, before its weights are materialised or loaded
@@ -41,7 +42,13 @@ def build_policy(cfg: ExperimentConfig, *, device: str | torch.device = "cpu", s
         policy = _base_policy(cfg.policy, device=device)
         transformer = policy.transformer
         if cfg.policy.gradient_checkpointing:
-            transformer.gradient_checkpointing = True
+            from policies.checkpointing import apply_checkpointing
+
+            apply_checkpointing(transformer, cfg.policy.gradient_checkpointing)
+        if cfg.policy.quantization == "fp8":
+            from policies.quant.fp8 import apply_fp8
+
+            apply_fp8(transformer)
         if cfg.policy.quantization == "hif8":
             from policies.quant import apply_hif8
 
@@ -66,6 +73,7 @@ def build_policy(cfg: ExperimentConfig, *, device: str | torch.device = "cpu", s
         materialize_(transformer, device, seed=cfg.train.seed)
     if checkpoint is not None:
         load_trained_weights(transformer, checkpoint)
+    maybe_compile(transformer, cfg.policy.compile, device)  # last: compiles the blocks as HiF8/LoRA/SP/FSDP left them
     return policy
 
 
