@@ -81,6 +81,9 @@ def _train(args: argparse.Namespace) -> int:
         cfg = load_config(config or "quickstart", overrides)
         run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
     train(cfg, run_dir=run_dir, resume=args.resume)
+    from mixgrpo.results.summary import write_summary
+
+    print("\n".join(write_summary(run_dir)))  # the last lines: what changed, and the files that show it
     return 0
 
 

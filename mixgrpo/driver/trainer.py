@@ -492,11 +492,7 @@ def media_slug(prompt: str) -> str:
 def train(cfg: ExperimentConfig, *, run_dir: Path, resume: bool = False) -> Path:
     trainer = Trainer(cfg, run_dir=run_dir, resume=resume)
     print(f"run directory: {trainer.run_dir}")
-    run_dir = trainer.run()
-    from mixgrpo.results.summary import write_summary
-
-    print("\n".join(write_summary(run_dir)))  # what changed, and the files that show it
-    return run_dir
+    return trainer.run()
 
 
 def sample_videos(cfg: ExperimentConfig, *, prompts: list[str], checkpoint: str | None, out_dir: Path,
