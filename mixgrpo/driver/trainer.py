@@ -30,6 +30,7 @@ from mixgrpo.results import media
 from mixgrpo.results.notices import notice
 from mixgrpo.engine.policy_factory import build_policy
 from mixgrpo.driver.preflight import validate_experiment
+from mixgrpo.driver.resume import no_checkpoint_line, resumed_line
 from mixgrpo.driver.prompts import Prompt, field_names, load_prompts, prompt_metadata
 from mixgrpo.engine.worker import LocalWorkers, resolve_device
 from mixgrpo.driver.ray_workers import WorkerFault
@@ -304,13 +305,14 @@ class Trainer:
                 raise ValueError(f"--resume: {self.run_dir / 'checkpoints'} holds no intact checkpoint, but the run "
                                  f"logged iterations up to {self.log.last_iteration}; nothing was deleted. Restore a "
                                  "checkpoint, or start a new --run-dir")
-            notice(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}; starting from iteration 0",
-                   log=self.log, kind="resume_without_checkpoint")
+            notice(no_checkpoint_line(self.run_dir), log=self.log, kind="resume_without_checkpoint")
             return 0
         self.workers.load_checkpoint(ckpt.path)
         torch.set_rng_state(ckpt.objects["rng"]["torch"])
         self.window.load_state_dict(ckpt.state["window"])
+        dropped = self.log.logged_iterations_after(ckpt.iteration - 1)
         self.log.truncate_after(ckpt.iteration - 1)
+        print(resumed_line(ckpt.path, ckpt.iteration, dropped))
         self.log.event("resume", iteration=ckpt.iteration, checkpoint=ckpt.path.name)
         return ckpt.iteration
 

@@ -43,8 +43,15 @@ class Run:
     events: pd.DataFrame
 
     def video(self, relative: str) -> Path:
-        """Absolute path of a `samples.video_path` entry."""
-        return self.path / relative
+        """Path of a `samples.video_path` entry (stored relative to the run directory, or absolute)."""
+        path = self.path / relative  # an absolute entry stays itself
+        if not path.exists() and not Path(relative).is_absolute():
+            # runs written before paths were made run-relative stored them relative to the working directory
+            # ("runs/x/videos/it..mp4"); the file name still finds the video in this run's videos/
+            moved = self.path / "videos" / Path(relative).name
+            if moved.exists():
+                return moved
+        return path
 
 
 @dataclass(kw_only=True)

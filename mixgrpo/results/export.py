@@ -103,6 +103,7 @@ def _write_peft(cfg: ExperimentConfig, weights: dict[str, torch.Tensor], folder:
     LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=targets, lora_dropout=0.0,
                init_lora_weights="gaussian").save_pretrained(str(folder))
     save_file(adapter, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_model.safetensors").chmod(0o644)  # safetensors writes 0600; the rest of the folder is 0644
 
 
 def _write_diffusers(cfg: ExperimentConfig, checkpoint: Path, folder: Path, *, ema: bool) -> None:
@@ -113,6 +114,7 @@ def _write_diffusers(cfg: ExperimentConfig, checkpoint: Path, folder: Path, *, e
     load_trained_weights(policy.transformer, checkpoint, ema=ema)
     state = {wan_to_diffusers_key(k): v for k, v in merged_state(policy.transformer).items()}
     save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
+    (folder / "diffusion_pytorch_model.safetensors").chmod(0o644)  # safetensors writes 0600, like the files beside it
     (folder / "config.json").write_text(json.dumps(diffusers_config(policy.transformer.config), indent=2))
 
 

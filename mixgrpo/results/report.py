@@ -149,6 +149,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"mixgrpo report: error: {err}", file=sys.stderr)
         return 2
     console.print(summary_table(result["summary"], args.fraction))
+    from mixgrpo.results.summary import run_summary, summary_lines
+
+    for path in args.runs:  # what each run did, as `mixgrpo train` said at its end
+        lines = summary_lines(run_summary(path))
+        if lines:
+            console.print(f"{path}:", highlight=False, soft_wrap=True)
+            for line in lines:
+                console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
     for name, counts in result["events"].items():
         console.print(f"events in {name}: " + ", ".join(f"{n} {kind}" for kind, n in counts.items()), highlight=False)
     if result["varying"]:

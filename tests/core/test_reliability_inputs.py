@@ -154,7 +154,7 @@ def test_resume_without_a_checkpoint_is_one_line_and_an_event(tmp_path):
         checkpoint.rmdir()
     (run_dir / "metrics.parquet").unlink()  # no logged iterations: a resume from nothing
     status, err = cli("train", *TINY, "train.iterations=1", "--run-dir", str(run_dir), "--resume")
-    line = f"mixgrpo: --resume: no checkpoint in {run_dir / 'checkpoints'}; starting from iteration 0"
+    line = f"mixgrpo: --resume: {run_dir / 'checkpoints'} holds no checkpoint yet; starting from iteration 0"
     assert status == 0 and line in err.splitlines() and "UserWarning" not in err and ".py:" not in err, err
     kinds = [json.loads(l)["kind"] for l in (run_dir / "events.jsonl").read_text().splitlines()]
     assert "resume_without_checkpoint" in kinds
