@@ -90,9 +90,6 @@ class LocalRolloutEngine:
         self.sigmas = sigma_schedule(sampler_cfg.num_steps, sampler_cfg.shift)
         self.model_dtype = next(policy.transformer.parameters()).dtype
 
-    def velocity_fn(self, x_BCTHW: torch.Tensor, sigma_B: torch.Tensor, text_BLD: torch.Tensor) -> torch.Tensor:
-        return self.policy.transformer(x_BCTHW, sigma_B * 1000.0, text_BLD).float()
-
     @torch.no_grad()
     def rollout(self, request: RolloutRequest) -> RolloutResult:
         start = time.perf_counter()
@@ -102,9 +99,9 @@ class LocalRolloutEngine:
             part = request.slice(list(range(first, min(first + self.batch_groups, len(request.prompts)))))
             cond, neg = text_states(self.policy, part.prompts, self.device)
             traj = sample(
-                self.velocity_fn,
+                self.policy.velocity,
                 text_states_BLD=cond,
-                negative_text_states_BLD=neg if self.cfg.guidance_scale not in (0.0, 1.0) else None,
+                negative_text_states_BLD=neg if self.cfg.guided else None,
                 guidance_scale=self.cfg.guidance_scale,
                 sigmas=self.sigmas,
                 sde_steps=request.sde_steps,
@@ -139,8 +136,7 @@ def generate(policy: Policy, cfg, prompts: list[str], *, seed: int, device: torc
     seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(prompts))]
     engine = LocalRolloutEngine(policy, cfg.sampler, device=device, batch_groups=len(prompts))
     cond, neg = text_states(policy, prompts, device)
-    guided = cfg.sampler.guidance_scale not in (0.0, 1.0)
-    traj = sample(engine.velocity_fn, text_states_BLD=cond, negative_text_states_BLD=neg if guided else None,
+    traj = sample(policy.velocity, text_states_BLD=cond, negative_text_states_BLD=neg if cfg.sampler.guided else None,
                   guidance_scale=cfg.sampler.guidance_scale, sigmas=engine.sigmas, sde_steps=[], eta=0.0,
                   sde_kind=cfg.sampler.sde_kind, post_window="euler", post_window_ratio=1.0,
                   latent_shape=policy.latent_shape(), group_size=1, seeds=seeds, group_seeds=seeds, device=device)
