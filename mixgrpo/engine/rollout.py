@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -40,12 +41,18 @@ class RolloutRequest:
     """Step indices sampled with the SDE (the window); all other steps are ODE."""
     group_ids: list[int] = field(default_factory=list)
     """Global ids of the groups (default 0..G-1); lets a worker serve a slice of the iteration."""
+    prompt_fields: list[dict[str, Any]] = field(default_factory=list)
+    """The extra fields of each group's prompt record (a JSONL line's; default none), which reach the rewards."""
 
     def __post_init__(self) -> None:
         if len(self.prompts) != len(self.group_seeds):
             raise ValueError(f"RolloutRequest: {len(self.prompts)} prompts but {len(self.group_seeds)} group seeds")
         if not self.group_ids:
             self.group_ids = list(range(len(self.prompts)))
+        if not self.prompt_fields:
+            self.prompt_fields = [{} for _ in self.prompts]
+        if len(self.prompt_fields) != len(self.prompts):
+            raise ValueError(f"RolloutRequest: {len(self.prompts)} prompts but {len(self.prompt_fields)} prompt_fields")
 
     @property
     def sample_seeds(self) -> list[int]:
@@ -58,7 +65,8 @@ class RolloutRequest:
     def slice(self, groups: list[int]) -> "RolloutRequest":
         return RolloutRequest(iteration=self.iteration, prompts=[self.prompts[g] for g in groups],
                               group_seeds=[self.group_seeds[g] for g in groups], group_size=self.group_size,
-                              sde_steps=self.sde_steps, group_ids=[self.group_ids[g] for g in groups])
+                              sde_steps=self.sde_steps, group_ids=[self.group_ids[g] for g in groups],
+                              prompt_fields=[self.prompt_fields[g] for g in groups])
 
 
 @dataclass
