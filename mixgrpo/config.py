@@ -124,6 +124,11 @@ class SamplerConfig:
         _require(self.guidance_scale >= 0, f"sampler.guidance_scale must be >= 0 (1.0 or 0 disables CFG), got {self.guidance_scale}")
         _require(0 < self.post_window_ratio <= 1, f"sampler.post_window_ratio must be in (0, 1], got {self.post_window_ratio}")
 
+    @property
+    def guided(self) -> bool:
+        """Classifier-free guidance is on: the rollouts and the learner pass the negative prompt's states."""
+        return self.guidance_scale not in (0.0, 1.0)
+
 
 @dataclass(kw_only=True)
 class WindowConfig:

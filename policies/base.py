@@ -55,6 +55,14 @@ class PolicySpec:
                 raise ValueError(f"PolicySpec.{field} must be positive, got {getattr(self, field)}")
 
 
+def flow_velocity(transformer: nn.Module, latents_BCTHW: torch.Tensor, sigma_B: torch.Tensor,
+                  text_states_BLD: torch.Tensor) -> torch.Tensor:
+    """The one velocity convention of every caller (rollout, learner, reference model, generation): ``sigma`` in
+    [0, 1] goes to the transformer as Wan's 0..1000 timestep, and the velocity comes back in fp32 (the sampler's
+    latents and log-probs are fp32 whatever the model's dtype)."""
+    return transformer(latents_BCTHW, sigma_B * 1000.0, text_states_BLD).float()
+
+
 class Policy(nn.Module):
     """A concrete FlowPolicy. Only ``transformer`` is trainable; encoders stay frozen."""
 
@@ -83,8 +91,8 @@ class Policy(nn.Module):
         return self.text_encoder(list(prompts))
 
     def velocity(self, latents_BCTHW: torch.Tensor, sigma_B: torch.Tensor, text_states_BLD: torch.Tensor) -> torch.Tensor:
-        """Flow velocity at noise level sigma in [0, 1]."""
-        return self.transformer(latents_BCTHW, sigma_B * 1000.0, text_states_BLD)
+        """fp32 flow velocity at noise level sigma in [0, 1] (:func:`flow_velocity`)."""
+        return flow_velocity(self.transformer, latents_BCTHW, sigma_B, text_states_BLD)
 
     @torch.no_grad()
     def decode(self, latents_BCTHW: torch.Tensor) -> torch.Tensor:

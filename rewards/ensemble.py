@@ -260,15 +260,26 @@ class ScoreTable:
                 }))
         return out
 
+    def reward_columns(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """``<prefix><reward>`` -> its raw scores ``[B]``, in ``names`` order."""
+        return {f"{prefix}{name}": self.raw[name] for name in self.names}
+
+    def component_columns(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """``<prefix><reward>/<component>`` -> the component's scores ``[B]``, reward by reward."""
+        return {f"{prefix}{name}/{component}": values
+                for name, parts in self.details.items() for component, values in parts.items()}
+
+    def sample_columns(self, index: int, prefix: str = "") -> dict[str, float]:
+        """Sample ``index``'s scores as the columns of a table row: one per reward, then one per component (the
+        naming every table of scores shares: samples.parquet, eval.parquet, :meth:`rows`)."""
+        columns = {**self.reward_columns(prefix), **self.component_columns(prefix)}
+        return {column: float(values[index]) for column, values in columns.items()}
+
     def rows(self) -> list[dict[str, Any]]:
         """One dict per sample: ``sample_id``, one column per reward, one ``<reward>/<component>`` column per
-        component score, ``dropped`` (for samples.parquet)."""
-        components = {f"{n}/{c}": values for n, parts in self.details.items() for c, values in parts.items()}
-        return [
-            {"sample_id": sid, **{n: float(self.raw[n][i]) for n in self.names},
-             **{column: float(values[i]) for column, values in components.items()}, "dropped": not bool(self.keep_B[i])}
-            for i, sid in enumerate(self.sample_ids)
-        ]
+        component score, ``dropped``."""
+        return [{"sample_id": sid, **self.sample_columns(i), "dropped": not bool(self.keep_B[i])}
+                for i, sid in enumerate(self.sample_ids)]
 
 
 @dataclass

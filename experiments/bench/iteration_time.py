@@ -23,7 +23,7 @@ import time
 import torch
 from mixgrpo.config import load_config
 from mixgrpo.engine.learner import Learner, UpdateBatch, plan_update
-from mixgrpo.engine.rollout import LocalRolloutEngine, RolloutRequest, group_seed, text_states
+from mixgrpo.engine.rollout import LocalRolloutEngine, RolloutRequest, group_seed
 from mixgrpo.algo.window import build_window_scheduler
 from policies.base import Policy
 from policies.synthetic import build_synthetic_policy
@@ -71,9 +71,7 @@ def time_variant(name, spec, policy, args, device) -> dict:
             request = RolloutRequest(iteration=it, prompts=["a prompt"], group_seeds=[group_seed(0, it, 0)],
                                      group_size=args.group, sde_steps=list(window.sde_steps()))
             rollout = engine.rollout(request)
-            cond, neg = text_states(policy, request.sample_prompts, device)
-            batch = UpdateBatch(trajectory=rollout.trajectory, advantages_B=torch.randn(args.group, device=device),
-                                text_states_BLD=cond, negative_text_states_BLD=neg if args.cfg != 1.0 else None)
+            batch = UpdateBatch(trajectory=rollout.trajectory, advantages_B=torch.randn(args.group, device=device))
             plan = plan_update(window.train_mask(args.group), optimizer_steps=1, micro_batch_size=args.micro_batch,
                                generator=torch.Generator().manual_seed(it))
             if args.profile and it == args.warmup and start == starts[0]:

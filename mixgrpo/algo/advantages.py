@@ -123,7 +123,7 @@ def compute_advantages(
             raise ValueError(f"clip must be > 0 (or None to disable), got {clip}")
         clipped_B = adv_B.abs() > clip
         adv_B = adv_B.clamp(-clip, clip)
-    return AdvantageResult(adv_B, kept_B, _stats(scores, adv_B, kept_B, clipped_B, informative_G))
+    return AdvantageResult(adv_B, kept_B, _stats(adv_B, kept_B, clipped_B, informative_G))
 
 
 def group_zscore(
@@ -199,19 +199,23 @@ def _validated(
     return out
 
 
+def finite_mean_std(values_B: torch.Tensor) -> tuple[float, float]:
+    """``(mean, std)`` of the scores a reward gave (NaN = not scored, left out): the one rule of every reward
+    statistic in the metrics. The std is the sample std (ddof 1), 0.0 with fewer than two scores; the mean is NaN
+    with none."""
+    finite = values_B[~values_B.isnan()]
+    return (float(finite.mean()) if finite.numel() else float("nan"),
+            float(finite.std()) if finite.numel() > 1 else 0.0)
+
+
 def _stats(
-    scores: dict[str, torch.Tensor],
     adv_B: torch.Tensor,
     kept_B: torch.Tensor,
     clipped_B: torch.Tensor,
     informative_G: torch.Tensor,
 ) -> dict[str, float]:
-    stats: dict[str, float] = {}
-    for name, r in scores.items():
-        finite = r[torch.isfinite(r)]
-        stats[f"reward/{name}/mean"] = float(finite.mean()) if finite.numel() else float("nan")
-        stats[f"reward/{name}/std"] = float(finite.std(correction=0)) if finite.numel() else float("nan")
-    stats.update({
+    """The advantages' own statistics (the rewards' are the trainer's metrics: :func:`finite_mean_std`)."""
+    return {
         "advantage/mean": float(adv_B.mean()),
         "advantage/std": float(adv_B.std(correction=0)),
         "advantage/abs_max": float(adv_B.abs().max()),
@@ -219,8 +223,7 @@ def _stats(
         "zero_std_fraction": float((~informative_G).float().mean()),
         "num_filtered": float((~kept_B).sum()),
         "num_groups": float(informative_G.numel()),
-    })
-    return stats
+    }
 
 
 # ---- the trainer's entry point: which groups are dropped and why, then the advantages of the others ----

@@ -58,7 +58,12 @@ class Trajectory:
     seeds: torch.Tensor
     """``[B]`` int64 per-sample seeds (SDE noise)."""
     group_index: torch.Tensor
-    """``[B]`` int64 index of the sample's prompt group in the rollout's text states."""
+    """``[B]`` int64 index of the sample's prompt group in ``text_states_NLD``."""
+    text_states_NLD: torch.Tensor
+    """``[N, L, D]`` the prompt states the rollout was conditioned on, one row per group (encoded once per prompt;
+    a sample's row is ``text_states_NLD[group_index[b]]``)."""
+    negative_text_states_NLD: torch.Tensor | None
+    """``[N or 1, L, D]`` the negative-prompt states of CFG; None when the rollout ran without CFG."""
     num_groups: int
     """Prompt groups of the rollout (``group_index`` < num_groups; ``select`` keeps it, ``concat`` sums it)."""
     nfe: int
@@ -69,8 +74,6 @@ class Trajectory:
     sde_kind: str
     eta: float
     guidance_scale: float
-    cfg: bool
-    """Whether the rollout used classifier-free guidance (negative text states were given)."""
     model_dtype: torch.dtype
     uncond_velocity: torch.Tensor | None = None
     """``[S, B, C, T, H, W]`` fp32 CFG unconditional velocity the rollout computed at each stored step (kept only
@@ -80,12 +83,25 @@ class Trajectory:
     the same numerics (no dropout, the same quantization and dtype)."""
 
     @property
+    def cfg(self) -> bool:
+        """Whether the rollout used classifier-free guidance (negative text states were given)."""
+        return self.negative_text_states_NLD is not None
+
+    @property
     def num_samples(self) -> int:
         return self.latents.shape[0]
 
     @property
     def num_steps(self) -> int:
         return self.step_indices.shape[0]
+
+    def sample_text_states(self, sample_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``([b, L, D], [b or 1, L, D] | None)``: the rollout's prompt and negative states of samples ``sample_idx``."""
+        groups = self.group_index[sample_idx]
+        neg = self.negative_text_states_NLD
+        if neg is not None and neg.shape[0] > 1:
+            neg = neg[groups]
+        return self.text_states_NLD[groups], neg
 
     def to(self, device: torch.device | str) -> Trajectory:
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
@@ -126,11 +142,24 @@ def concat_trajectories(trajectories: Sequence[Trajectory], num_groups: Sequence
         log_prob=torch.cat([t.log_prob for t in trajectories]),
         seeds=torch.cat([t.seeds for t in trajectories]),
         group_index=torch.cat([t.group_index + off for t, off in zip(trajectories, offsets)]),
+        text_states_NLD=torch.cat([t.text_states_NLD for t in trajectories]),
+        negative_text_states_NLD=_concat_negative([t.negative_text_states_NLD for t in trajectories],
+                                                  [t.num_groups for t in trajectories]),
         num_groups=sum(t.num_groups for t in trajectories),
         num_model_rows=sum(t.num_model_rows for t in trajectories),
         uncond_velocity=(torch.cat([t.uncond_velocity for t in trajectories], dim=1)
                          if all(t.uncond_velocity is not None for t in trajectories) else None),
     )
+
+
+def _concat_negative(states: list[torch.Tensor | None], num_groups: list[int]) -> torch.Tensor | None:
+    """The rollouts' negative states as one ``[N or 1, L, D]`` tensor (a single shared row is expanded per group
+    only when the rollouts do not all share one)."""
+    if states[0] is None:
+        return None
+    if all(s.shape[0] == 1 for s in states) and all(torch.equal(s, states[0]) for s in states):
+        return states[0]
+    return torch.cat([s.expand(n, -1, -1) for s, n in zip(states, num_groups)])
 
 
 def noise_seed(seed: int, step: int) -> int:
@@ -355,13 +384,14 @@ def sample(
         step_indices=steps.to(device),
         seeds=torch.tensor([int(s) for s in seeds], dtype=torch.long, device=device),
         group_index=torch.arange(num_groups, device=device).repeat_interleave(group_size),
+        text_states_NLD=text_states_BLD.to(device),
+        negative_text_states_NLD=None if negative_text_states_BLD is None else negative_text_states_BLD.to(device),
         num_groups=num_groups,
         nfe=state.nfe,
         num_model_rows=state.num_model_rows,
         sde_kind=sde_kind,
         eta=float(eta),
         guidance_scale=float(guidance_scale),
-        cfg=negative_text_states_BLD is not None,
         model_dtype=dtype,
         uncond_velocity=torch.stack(stored["uncond"]) if keep_uncond and sde_set else None,
     )

@@ -18,7 +18,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from mixgrpo import yaml_load
-from mixgrpo.algo.advantages import FailureStreak, advantages_from_scores
+from mixgrpo.algo.advantages import FailureStreak, advantages_from_scores, finite_mean_std
 from mixgrpo.engine.checkpoint import load_latest_checkpoint, save_checkpoint
 from mixgrpo.config import ConfigError, ExperimentConfig, config_from_dict, dump_config
 from mixgrpo.engine.learner import UpdatePlan, plan_update
@@ -203,8 +203,9 @@ class Trainer:
 
     def request(self, iteration: int) -> RolloutRequest:
         groups = self.cfg.rollout.prompts_per_iteration
+        drawn = self.prompts.draw(iteration, groups)
         return RolloutRequest(
-            iteration=iteration, prompts=[p.text for p in self.prompts.draw(iteration, groups)],
+            iteration=iteration, prompts=[p.text for p in drawn], prompt_fields=[p.fields for p in drawn],
             group_seeds=[group_seed(self.cfg.train.seed, iteration, g) for g in range(groups)],
             group_size=self.cfg.rollout.group_size, sde_steps=self.window.sde_steps())
 
@@ -215,7 +216,7 @@ class Trainer:
         """Every reward's scores; the prompts' extra fields (JSONL) reach the rewards as keyword arguments."""
         start = time.perf_counter()
         request = rollouts.request
-        records = self.prompts.draw(request.iteration, len(request.prompts))  # stateless: the request's own draw
+        records = [Prompt(text, fields) for text, fields in zip(request.prompts, request.prompt_fields)]
         members = self.group_ids(rollouts).tolist()
         scores = self.score_videos(request.iteration, rollouts.videos_BTCHW, request.sample_prompts,
                                    sample_ids=request.sample_seeds, group_ids=[request.group_ids[g] for g in members],
@@ -260,12 +261,12 @@ class Trainer:
         window = self.window.sde_steps()
         aggregate = scores.aggregate
         row = {"iteration": iteration, **_mean_std("reward", aggregate)}
-        for name, values in scores.raw.items():
-            row.update(_mean_std(f"reward/{name}", values))
+        for name, (column, values) in zip(scores.raw, scores.reward_columns("reward/").items()):
+            row.update(_mean_std(column, values))
             row[f"reward/{name}/nan_count"] = float(scores.nan_counts.get(name, 0))
             row[f"reward/{name}/failed"] = float(len(scores.failed_ids.get(name, [])))
         row.update(component_means(scores))
-        row.update({k: float(v) for k, v in adv_stats.items() if not k.startswith("reward/")})
+        row.update({k: float(v) for k, v in adv_stats.items()})
         row.update(stats)
         row.update({"window/start": float(min(window)), "window/size": float(len(window)), "nfe": float(rollouts.nfe),
                     "learner/world_size": float(self.workers.world_size), "time/rollout": rollouts.seconds,
@@ -280,9 +281,7 @@ class Trainer:
             row = {"iteration": iteration, "prompt": prompt, "group": request.group_ids[b // request.group_size],
                    "sample": b % request.group_size, "seed": seed, "reward": float(aggregate[b]),
                    "advantage": float(advantages[b])}
-            row.update({f"reward/{name}": float(values[b]) for name, values in scores.raw.items()})
-            row.update({f"reward/{name}/{component}": float(values[b])
-                        for name, parts in scores.details.items() for component, values in parts.items()})
+            row.update(scores.sample_columns(b, prefix="reward/"))
             rows.append(row)
         return rows
 
@@ -379,9 +378,7 @@ class Trainer:
         rows = []
         for i, (text, (_, seed)) in enumerate(zip(texts, pairs)):
             row = {"iteration": iteration, "prompt": text, "seed": seed, "reward": float(aggregate[i])}
-            row.update({f"reward/{name}": float(values[i]) for name, values in scores.raw.items()})
-            row.update({f"reward/{name}/{part}": float(values[i])
-                        for name, parts in scores.details.items() for part, values in parts.items()})
+            row.update(scores.sample_columns(i, prefix="reward/"))
             rows.append(row)
         self.log.log_eval(rows)
         first_seed = [i for i, (_, seed) in enumerate(pairs) if seed == self.cfg.eval.seeds[0]]
@@ -396,7 +393,7 @@ class Trainer:
             self.trackers.log_video(f"{prefix}/video_{i:02d}", path, step,
                                     caption=f"{texts[i]} ({float(aggregate[i]):.3f})")
         metrics = _mean_std("eval/reward", aggregate)
-        metrics.update({f"eval/{name}/mean": _mean_std("x", values)["x/mean"] for name, values in scores.raw.items()})
+        metrics.update({f"eval/{name}/mean": finite_mean_std(values)[0] for name, values in scores.raw.items()})
         return metrics
 
     def video(self, path: Path, video_TCHW: torch.Tensor) -> Path | None:
@@ -441,9 +438,8 @@ class Trainer:
 
 
 def _mean_std(prefix: str, values: torch.Tensor) -> dict[str, float]:
-    finite = values[~values.isnan()]
-    return {f"{prefix}/mean": float(finite.mean()) if finite.numel() else float("nan"),
-            f"{prefix}/std": float(finite.std()) if finite.numel() > 1 else 0.0}
+    mean, std = finite_mean_std(values)
+    return {f"{prefix}/mean": mean, f"{prefix}/std": std}
 
 
 def stop_on_sigterm() -> None:
@@ -474,12 +470,8 @@ def eval_prompt_set(cfg: ExperimentConfig) -> list[Prompt]:
 def component_means(scores: ScoreTable) -> dict[str, float]:
     """``reward/<name>/<component>/mean`` over the finite component scores: the same samples as
     ``reward/<name>/mean`` (a failed call leaves NaN components), so a reward's parts and its total line up."""
-    means = {}
-    for name, parts in scores.details.items():
-        for component, values in parts.items():
-            prefix = f"reward/{name}/{component}"
-            means[f"{prefix}/mean"] = _mean_std(prefix, values)[f"{prefix}/mean"]
-    return means
+    return {f"{column}/mean": finite_mean_std(values)[0]
+            for column, values in scores.component_columns("reward/").items()}
 
 
 def media_slug(prompt: str) -> str:

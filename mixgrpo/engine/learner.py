@@ -23,6 +23,7 @@ from torch import nn
 from mixgrpo.config import LearnerConfig, SamplerConfig
 from mixgrpo.algo.loss import clipped_surrogate_loss, kl_to_reference
 from mixgrpo.algo.sampler import Trajectory, recompute_log_prob
+from policies.base import flow_velocity
 
 if TYPE_CHECKING:
     import torch.distributed as dist
@@ -33,9 +34,8 @@ class UpdateBatch:
     """What the learner needs from this worker's rollouts (all on the learner's device, this worker's samples)."""
 
     trajectory: Trajectory
+    """The rollouts, with the text states they were conditioned on (one row per prompt group)."""
     advantages_B: torch.Tensor
-    text_states_BLD: torch.Tensor
-    negative_text_states_BLD: torch.Tensor | None
 
 
 @dataclass
@@ -209,7 +209,7 @@ class Learner:
 
         def velocity(x_BCTHW: torch.Tensor, sigma_B: torch.Tensor, text_BLD: torch.Tensor) -> torch.Tensor:
             with self.autocast():
-                return model(x_BCTHW, sigma_B * 1000.0, text_BLD).float()
+                return flow_velocity(model, x_BCTHW, sigma_B, text_BLD)
 
         return velocity
 
@@ -221,14 +221,14 @@ class Learner:
     def _step_terms(self, batch: UpdateBatch, step: int, idx: torch.Tensor, reference: bool = False,
                     reuse_uncond: bool = False):
         traj = batch.trajectory
-        neg = batch.negative_text_states_BLD
+        text, neg = traj.sample_text_states(idx)
         return recompute_log_prob(
             self._velocity_fn(reference),
             traj,
             step=step,
             sample_idx=idx,
-            text_states_BLD=batch.text_states_BLD[idx],
-            negative_text_states_BLD=None if neg is None else neg[idx],
+            text_states_BLD=text,
+            negative_text_states_BLD=neg,
             guidance_scale=self.sampler_cfg.guidance_scale,
             eta=self.sampler_cfg.eta,
             sde_kind=self.sampler_cfg.sde_kind,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -40,12 +41,18 @@ class RolloutRequest:
     """Step indices sampled with the SDE (the window); all other steps are ODE."""
     group_ids: list[int] = field(default_factory=list)
     """Global ids of the groups (default 0..G-1); lets a worker serve a slice of the iteration."""
+    prompt_fields: list[dict[str, Any]] = field(default_factory=list)
+    """The extra fields of each group's prompt record (a JSONL line's; default none), which reach the rewards."""
 
     def __post_init__(self) -> None:
         if len(self.prompts) != len(self.group_seeds):
             raise ValueError(f"RolloutRequest: {len(self.prompts)} prompts but {len(self.group_seeds)} group seeds")
         if not self.group_ids:
             self.group_ids = list(range(len(self.prompts)))
+        if not self.prompt_fields:
+            self.prompt_fields = [{} for _ in self.prompts]
+        if len(self.prompt_fields) != len(self.prompts):
+            raise ValueError(f"RolloutRequest: {len(self.prompts)} prompts but {len(self.prompt_fields)} prompt_fields")
 
     @property
     def sample_seeds(self) -> list[int]:
@@ -58,7 +65,8 @@ class RolloutRequest:
     def slice(self, groups: list[int]) -> "RolloutRequest":
         return RolloutRequest(iteration=self.iteration, prompts=[self.prompts[g] for g in groups],
                               group_seeds=[self.group_seeds[g] for g in groups], group_size=self.group_size,
-                              sde_steps=self.sde_steps, group_ids=[self.group_ids[g] for g in groups])
+                              sde_steps=self.sde_steps, group_ids=[self.group_ids[g] for g in groups],
+                              prompt_fields=[self.prompt_fields[g] for g in groups])
 
 
 @dataclass
@@ -90,9 +98,6 @@ class LocalRolloutEngine:
         self.sigmas = sigma_schedule(sampler_cfg.num_steps, sampler_cfg.shift)
         self.model_dtype = next(policy.transformer.parameters()).dtype
 
-    def velocity_fn(self, x_BCTHW: torch.Tensor, sigma_B: torch.Tensor, text_BLD: torch.Tensor) -> torch.Tensor:
-        return self.policy.transformer(x_BCTHW, sigma_B * 1000.0, text_BLD).float()
-
     @torch.no_grad()
     def rollout(self, request: RolloutRequest) -> RolloutResult:
         start = time.perf_counter()
@@ -102,9 +107,9 @@ class LocalRolloutEngine:
             part = request.slice(list(range(first, min(first + self.batch_groups, len(request.prompts)))))
             cond, neg = text_states(self.policy, part.prompts, self.device)
             traj = sample(
-                self.velocity_fn,
+                self.policy.velocity,
                 text_states_BLD=cond,
-                negative_text_states_BLD=neg if self.cfg.guidance_scale not in (0.0, 1.0) else None,
+                negative_text_states_BLD=neg if self.cfg.guided else None,
                 guidance_scale=self.cfg.guidance_scale,
                 sigmas=self.sigmas,
                 sde_steps=request.sde_steps,
@@ -139,8 +144,7 @@ def generate(policy: Policy, cfg, prompts: list[str], *, seed: int, device: torc
     seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(prompts))]
     engine = LocalRolloutEngine(policy, cfg.sampler, device=device, batch_groups=len(prompts))
     cond, neg = text_states(policy, prompts, device)
-    guided = cfg.sampler.guidance_scale not in (0.0, 1.0)
-    traj = sample(engine.velocity_fn, text_states_BLD=cond, negative_text_states_BLD=neg if guided else None,
+    traj = sample(policy.velocity, text_states_BLD=cond, negative_text_states_BLD=neg if cfg.sampler.guided else None,
                   guidance_scale=cfg.sampler.guidance_scale, sigmas=engine.sigmas, sde_steps=[], eta=0.0,
                   sde_kind=cfg.sampler.sde_kind, post_window="euler", post_window_ratio=1.0,
                   latent_shape=policy.latent_shape(), group_size=1, seeds=seeds, group_seeds=seeds, device=device)

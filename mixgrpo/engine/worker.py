@@ -24,7 +24,7 @@ from torch import nn
 from mixgrpo.config import ExperimentConfig
 from mixgrpo.engine.learner import Learner, UpdateBatch, UpdatePlan, UpdateStats, merge_update_stats
 from mixgrpo.engine.policy_factory import build_policy
-from mixgrpo.engine.rollout import LocalRolloutEngine, RolloutRequest, RolloutResult, generate, text_states
+from mixgrpo.engine.rollout import LocalRolloutEngine, RolloutRequest, RolloutResult, generate
 
 
 def resolve_device(name: str) -> torch.device:
@@ -123,10 +123,7 @@ class PolicyWorker:
         """Sample ``request`` (this worker group's share) and keep what the update needs on this rank."""
         with self._full_parameters():
             result = self.engine.rollout(request)
-        guided = self.cfg.sampler.guidance_scale not in (0.0, 1.0)
-        cond, neg = text_states(self.policy, request.sample_prompts, self.device)
-        self.batch = UpdateBatch(trajectory=result.trajectory, advantages_B=torch.zeros(0), text_states_BLD=cond,
-                                 negative_text_states_BLD=neg if guided else None)
+        self.batch = UpdateBatch(trajectory=result.trajectory, advantages_B=torch.zeros(0))
         return result
 
     def update(self, advantages_B: torch.Tensor, plan: UpdatePlan, share: tuple[int, int]) -> UpdateStats:

@@ -1,6 +1,6 @@
 """The run directory: a self-describing dataset written while the run goes.
 
-Layout (DESIGN.md section 3)::
+Layout (the run-directory contract of docs/; names other code and checks rely on)::
 
     RUN/
       config.yaml        resolved config, written once (atomic)

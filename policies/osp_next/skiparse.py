@@ -7,7 +7,7 @@ k the sparse ratio, P = k*k subsequences per sample. Trailing dims after N (chan
 are carried along untouched, so the same functions serve hidden states ``[B, N, C]``, RoPE tables
 ``[1, N, D/2]`` and masks ``[B, N]``.
 
-Index semantics (DESIGN.md section 3). Write ``h = a*k*k + p1*k + p2`` and ``w = c*k*k + q1*k + q2``:
+Index semantics (a fixed contract: other code and the tests rely on this exact order). Write ``h = a*k*k + p1*k + p2`` and ``w = c*k*k + q1*k + q2``:
 
 - token subsequence (p, q) = tokens with ``h % k == p`` and ``w % k == q`` (p = p2, q = q2), in raster order of
   ``(t, h//k, w//k)``;

@@ -13,6 +13,7 @@ from mixgrpo.algo.advantages import (
     NothingTrainedError,
     advantages_from_scores,
     compute_advantages,
+    finite_mean_std,
 )
 
 EPS = 1e-4
@@ -28,7 +29,9 @@ def test_group_zscore_and_zero_std_group_filtered():
     assert (adv[3:] == 0).all()
     assert keep.tolist() == [True, True, True, False, False, False]
     assert stats["num_filtered"] == 3 and stats["zero_std_fraction"] == 0.5 and stats["num_groups"] == 2
-    assert stats["reward/hps/mean"] == pytest.approx(3.5)
+    # The rewards' statistics have one home, the metrics' finite_mean_std (sample std, NaN left out).
+    assert not any(key.startswith("reward/") for key in stats)
+    assert finite_mean_std(rewards["hps"]) == pytest.approx((3.5, float(rewards["hps"].std())))
 
 
 def test_population_std_and_interleaved_group_labels():
@@ -115,7 +118,8 @@ def test_nan_means_does_not_apply_and_invalid_samples_are_left_out():
     # a over samples 0..2: [-1, 0, 1]; b over samples 0, 2 only: [0, 2] -> [-1/sqrt2, 1/sqrt2], sample 1 gets 0
     s = 1 / math.sqrt(2.0)
     torch.testing.assert_close(adv, torch.tensor([0.5 * (-1 - s), 0.0, 0.5 * (1 + s), 0.0]))
-    assert stats["reward/b/mean"] == pytest.approx(1.0) and stats["num_filtered"] == 1
+    assert finite_mean_std(torch.where(valid, rewards["b"], nan)) == pytest.approx((1.0, math.sqrt(2.0)))
+    assert stats["num_filtered"] == 1
     assert keep.tolist() == [True, True, True, False]
     # reward-level aggregation: sample 1 keeps a's share of the weighted sum (TRL's nansum, not re-weighted)
     adv_r, keep_r, _ = compute_advantages(rewards, groups, aggregation="reward", clip=None, eps=0.0,
@@ -258,3 +262,11 @@ def test_failure_streak_counts_iterations_in_a_row_and_stops_the_run():
         FailureStreak(0)
     redone = FailureStreak(2)  # an iteration redone after a worker fault counts once
     assert [redone.record(nothing, 0), redone.record(nothing, 0), redone.record(trained, 1)] == [1, 1, 0]
+
+
+def test_finite_mean_std_leaves_nan_out_and_is_the_sample_std():
+    nan = float("nan")
+    assert finite_mean_std(torch.tensor([1.0, nan, 3.0])) == pytest.approx((2.0, math.sqrt(2.0)))
+    assert finite_mean_std(torch.tensor([4.0, nan])) == (4.0, 0.0)  # one score: no spread
+    mean, std = finite_mean_std(torch.tensor([nan, nan]))
+    assert math.isnan(mean) and std == 0.0

@@ -99,6 +99,11 @@ def test_same_seeds_bit_identical_whether_batch_holds_one_or_three_groups():
     _assert_same(together, joined)
     assert joined.group_index.tolist() == together.group_index.tolist() and joined.num_groups == 3
     _assert_same(together.select([2, 3]), alone[1])
+    # The states travel with the rollout, once per group; each sample's row is its own group's (and the shared
+    # negative row stays one row).
+    assert torch.equal(joined.text_states_NLD, together.text_states_NLD) and joined.text_states_NLD.shape[0] == 3
+    text, neg = joined.sample_text_states(torch.tensor([5, 0, 3]))
+    assert torch.equal(text, together.text_states_NLD[[2, 0, 1]]) and torch.equal(neg, NEG)
 
 
 def test_rollout_is_deterministic_and_groups_share_initial_noise_only():

@@ -2,6 +2,8 @@
 worker's own update batch, equals the rollout's log-prob for every sample, and moves when the prompts are
 permuted across groups (so the check can fail)."""
 
+import dataclasses
+
 import torch
 
 from mixgrpo.cli import quickstart_path
@@ -23,9 +25,13 @@ def test_recomputed_log_prob_matches_each_sample_with_its_own_prompt_only(tmp_pa
     num = len(request.sample_prompts)
     batch = worker.batch
     batch.advantages_B = torch.linspace(-1.0, 1.0, num)
+    # Encoded once per prompt (not per sample), and these are the states the rollout was conditioned on.
+    traj = batch.trajectory
+    assert traj.text_states_NLD.shape[0] == len(request.prompts)
+    assert torch.equal(traj.text_states_NLD, worker.policy.encode_text(request.prompts))
     # The other groups' prompts, sample by sample: rolling by one group moves every sample to another prompt.
-    rolled = batch.text_states_BLD.roll(request.group_size, dims=0)
-    permuted = type(batch)(**{**vars(batch), "text_states_BLD": rolled})
+    rolled = traj.text_states_NLD.roll(1, dims=0)
+    permuted = dataclasses.replace(batch, trajectory=dataclasses.replace(traj, text_states_NLD=rolled))
     worker.learner.transformer.train()  # the update's mode
     rows = torch.arange(num)
     with torch.no_grad():
