@@ -60,6 +60,7 @@ def _config(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     from mixgrpo.engine.checkpoint import resolve_checkpoint
     from mixgrpo.driver.trainer import sample_videos
+    from mixgrpo.results.outputs import check_output
 
     config, overrides = _split_config_and_overrides(args.items)
     checkpoint = None
@@ -70,6 +71,7 @@ def _sample(args: argparse.Namespace) -> int:
         if config is None and run_config.is_file():
             config = str(run_config)  # the run's own policy and LoRA settings
     cfg = load_config(config or "quickstart", overrides)
+    check_output(args.out, force=args.force, replaces=None)  # not in a run's folders; a used folder only with --force
     paths = sample_videos(cfg, prompts=args.prompt, checkpoint=checkpoint, out_dir=Path(args.out),
                           num_per_prompt=args.num, seed=args.seed)
     for path in paths:
@@ -141,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a run directory (its newest intact checkpoint is used), its checkpoints/ folder, or "
                              "one checkpoint folder; default: the untrained base")
     sample.add_argument("--out", default="samples", help="output folder (default: samples)")
+    sample.add_argument("--force", action="store_true", help="write into an --out folder that is not empty")
     sample.add_argument("--num", type=positive_int, default=1, help="videos per prompt (default 1)")
     sample.add_argument("--seed", type=int, default=0, help="initial-noise seed of the first video (default 0)")
     sample.set_defaults(func=_sample)

@@ -2,8 +2,8 @@
 
 :func:`prepare_transformer` applies, in place and in this order (each step needs what the ones before it made):
 
-1. gradient checkpointing: a flag read in forward; set first, it touches no weights;
-2. HiF8: swaps the targeted ``nn.Linear`` layers for quantized ones (a class swap, same parameters). Before LoRA,
+1. gradient checkpointing (per block, ``policies.checkpointing``): set first, it touches no weights;
+2. FP8 or HiF8: swaps the targeted ``nn.Linear`` layers for quantized ones (a class swap, same parameters). Before LoRA,
    so that the adapters wrap the quantized base layers (the adapters' own small matmuls stay unquantized), and
    before sequence parallelism, whose amax sharing needs the quantizers;
 3. LoRA: injects peft adapters (their A matrices drawn from the caller's seeded RNG) and freezes the rest.
@@ -54,8 +54,9 @@ class LoraRecipe:
 class ModelRecipe:
     """What to apply to a transformer (the world it is sharded over is a separate :class:`ParallelDims`)."""
 
-    gradient_checkpointing: bool = False
-    quantization: Literal["none", "hif8"] = "none"
+    gradient_checkpointing: bool | int | str = False
+    """Which blocks recompute their activations (``policies.checkpointing``); False: none."""
+    quantization: Literal["none", "hif8", "fp8"] = "none"
     lora: LoraRecipe | None = None
     """Adapters to inject; None: train (or freeze) the full model."""
     trainable: bool = True
@@ -66,8 +67,8 @@ class ModelRecipe:
     """Seed of the values meta-device weights are materialised with."""
 
     def __post_init__(self) -> None:
-        if self.quantization not in ("none", "hif8"):
-            raise ValueError(f"ModelRecipe.quantization must be 'none' or 'hif8', got {self.quantization!r}")
+        if self.quantization not in ("none", "hif8", "fp8"):
+            raise ValueError(f"ModelRecipe.quantization must be 'none', 'hif8' or 'fp8', got {self.quantization!r}")
         if self.lora is not None and not self.trainable:
             raise ValueError("ModelRecipe.lora must be None when trainable=False (a frozen reference has no adapters)")
 
@@ -80,7 +81,13 @@ def prepare_transformer(transformer: nn.Module, recipe: ModelRecipe, *, dims: Pa
     Returns the transformer."""
     device = torch.device(device)
     if recipe.gradient_checkpointing:
-        transformer.gradient_checkpointing = True
+        from policies.checkpointing import apply_checkpointing
+
+        apply_checkpointing(transformer, recipe.gradient_checkpointing)
+    if recipe.quantization == "fp8":
+        from policies.quant.fp8 import apply_fp8
+
+        apply_fp8(transformer)
     if recipe.quantization == "hif8":
         from policies.quant import apply_hif8
 

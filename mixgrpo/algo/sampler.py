@@ -72,6 +72,12 @@ class Trajectory:
     cfg: bool
     """Whether the rollout used classifier-free guidance (negative text states were given)."""
     model_dtype: torch.dtype
+    uncond_velocity: torch.Tensor | None = None
+    """``[S, B, C, T, H, W]`` fp32 CFG unconditional velocity the rollout computed at each stored step (kept only
+    with ``sample(keep_uncond=True)``). While the policy still has the sampling weights (the first optimizer step
+    of an on-policy update), the learner reuses it instead of running the uncond rows again; exact up to the
+    model's batch invariance (the rollout ran cond and uncond in one call), and only when rollout and learner run
+    the same numerics (no dropout, the same quantization and dtype)."""
 
     @property
     def num_samples(self) -> int:
@@ -91,6 +97,7 @@ class Trajectory:
         return replace(
             self, latents=self.latents[idx], x_t=self.x_t[:, idx], x_next=self.x_next[:, idx],
             log_prob=self.log_prob[idx], seeds=self.seeds[idx], group_index=self.group_index[idx],
+            uncond_velocity=None if self.uncond_velocity is None else self.uncond_velocity[:, idx],
         )
 
 
@@ -121,6 +128,8 @@ def concat_trajectories(trajectories: Sequence[Trajectory], num_groups: Sequence
         group_index=torch.cat([t.group_index + off for t, off in zip(trajectories, offsets)]),
         num_groups=sum(t.num_groups for t in trajectories),
         num_model_rows=sum(t.num_model_rows for t in trajectories),
+        uncond_velocity=(torch.cat([t.uncond_velocity for t in trajectories], dim=1)
+                         if all(t.uncond_velocity is not None for t in trajectories) else None),
     )
 
 
@@ -167,6 +176,8 @@ def guided_velocity(
     dtype: torch.dtype = torch.float32,
     detach_uncond: bool = False,
     separate_uncond: bool = False,
+    uncond_BCTHW: torch.Tensor | None = None,
+    uncond_out: list | None = None,
 ) -> torch.Tensor:
     """fp32 velocity at (x, sigma); with negative text states, CFG from one batched cond+uncond call.
 
@@ -187,6 +198,10 @@ def guided_velocity(
         raise ValueError(f"negative_text_states_BLD {tuple(neg.shape)} must be [B or 1, L, D] with the prompts' "
                          f"L, D {tuple(text_states_BLD.shape[1:])}; pad both to the same token length")
     neg = neg.expand(num, -1, -1).to(text_states_BLD.dtype)
+    if uncond_BCTHW is not None:  # the uncond velocity computed earlier with the same weights: cond rows only
+        v_uncond = uncond_BCTHW.detach().float()
+        v_cond = velocity_fn(x_BCTHW.to(dtype), sigma_B, text_states_BLD).float()
+        return v_uncond + guidance_scale * (v_cond - v_uncond)
     if separate_uncond and detach_uncond and torch.is_grad_enabled():
         with torch.no_grad():
             v_uncond = velocity_fn(x_BCTHW.to(dtype), sigma_B, neg).float()
@@ -195,6 +210,8 @@ def guided_velocity(
     x2 = torch.cat([x_BCTHW, x_BCTHW]).to(dtype)
     v_both = velocity_fn(x2, torch.cat([sigma_B, sigma_B]), torch.cat([text_states_BLD, neg])).float()
     v_cond, v_uncond = v_both.chunk(2)
+    if uncond_out is not None:
+        uncond_out.append(v_uncond.detach())
     if detach_uncond:
         v_uncond = v_uncond.detach()
     return v_uncond + guidance_scale * (v_cond - v_uncond)
@@ -210,6 +227,7 @@ class _Rollout:
     guidance_scale: float
     dtype: torch.dtype
     micro_batch_size: int | None
+    uncond_out: list | None = None
     nfe: int = 0
     num_model_rows: int = 0
 
@@ -225,7 +243,7 @@ class _Rollout:
             if neg is not None and neg.shape[0] > 1:
                 neg = neg[rows]
             out.append(guided_velocity(self.velocity_fn, x[rows], sigma, self.text[rows], neg, self.guidance_scale,
-                                       dtype=self.dtype))
+                                       dtype=self.dtype, uncond_out=self.uncond_out))
         return torch.cat(out)
 
     def branch(self, group_size: int) -> None:
@@ -254,6 +272,7 @@ def sample(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     micro_batch_size: int | None = None,
+    keep_uncond: bool = False,
 ) -> Trajectory:
     """Roll out N prompt groups of ``group_size`` samples each (see the module docstring for the semantics).
 
@@ -272,6 +291,7 @@ def sample(
         seeds: ``[B]`` per-sample seeds (SDE noise). group_seeds: ``[N]`` per-group seeds (initial noise).
         device: where latents live. dtype: the model's input dtype (latents stay fp32).
         micro_batch_size: at most this many samples (2x rows with CFG) per model call; None = all at once.
+        keep_uncond: with CFG, store the uncond velocity of each SDE step (``Trajectory.uncond_velocity``).
     """
     num_groups = _validate(text_states_BLD, negative_text_states_BLD, guidance_scale, sigmas, sde_steps,
                            post_window, latent_shape, group_size, seeds, group_seeds, micro_batch_size)
@@ -291,11 +311,16 @@ def sample(
     x = x.repeat_interleave(group_size, dim=0)
     state.branch(group_size)
 
-    stored: dict[str, list[torch.Tensor]] = {"x_t": [], "x_next": [], "log_prob": []}
+    stored: dict[str, list[torch.Tensor]] = {"x_t": [], "x_next": [], "log_prob": [], "uncond": []}
+    keep_uncond = keep_uncond and negative_text_states_BLD is not None
     prev_x0, prev_sigma = None, None
     for i in range(first, last + 1):
         sigma, sigma_next = sigma_list[i], sigma_list[i + 1]
+        state.uncond_out = [] if keep_uncond and i in sde_set else None
         v = state.velocity(x, sigma)
+        if state.uncond_out is not None:
+            stored["uncond"].append(torch.cat(state.uncond_out))
+            state.uncond_out = None
         prev_x0, prev_sigma = x0_from_velocity(x, v, sigma), sigma
         if i in sde_set:
             noise = sde_noise(seeds, i, latent_shape, device)
@@ -338,6 +363,7 @@ def sample(
         guidance_scale=float(guidance_scale),
         cfg=negative_text_states_BLD is not None,
         model_dtype=dtype,
+        uncond_velocity=torch.stack(stored["uncond"]) if keep_uncond and sde_set else None,
     )
 
 
@@ -354,6 +380,7 @@ def recompute_log_prob(
     sde_kind: str,
     detach_uncond: bool = True,
     separate_uncond: bool = False,
+    reuse_uncond: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-prob of stored step ``step`` (index into S) for samples ``sample_idx`` under ``velocity_fn``.
 
@@ -380,8 +407,12 @@ def recompute_log_prob(
         raise ValueError(f"text_states_BLD has {text_states_BLD.shape[0]} rows for {x_t.shape[0]} samples; "
                          "index the rollout's text states with traj.group_index[sample_idx]")
     sigma, sigma_next = float(traj.sigmas[step]), float(traj.sigma_next[step])
+    # reuse_uncond: only valid while velocity_fn has the sampling weights (the caller knows; see the field's doc).
+    uncond = traj.uncond_velocity[step, idx] if reuse_uncond and traj.uncond_velocity is not None and detach_uncond \
+        else None
     v = guided_velocity(velocity_fn, x_t, sigma, text_states_BLD, negative_text_states_BLD, guidance_scale,
-                        dtype=traj.model_dtype, detach_uncond=detach_uncond, separate_uncond=separate_uncond)
+                        dtype=traj.model_dtype, detach_uncond=detach_uncond, separate_uncond=separate_uncond,
+                        uncond_BCTHW=uncond)
     _, log_prob, mean, std = get_sde_step(sde_kind)(x_t, v, sigma, sigma_next, eta, prev_sample=x_next)
     return log_prob, mean, std
 

@@ -188,7 +188,8 @@ class Learner:
         with torch.no_grad(), context:
             return self._step_terms(batch, step, idx, reference=True)[1]
 
-    def _step_terms(self, batch: UpdateBatch, step: int, idx: torch.Tensor, reference: bool = False):
+    def _step_terms(self, batch: UpdateBatch, step: int, idx: torch.Tensor, reference: bool = False,
+                    reuse_uncond: bool = False):
         traj = batch.trajectory
         neg = batch.negative_text_states_BLD
         return recompute_log_prob(
@@ -202,6 +203,7 @@ class Learner:
             eta=self.sampler_cfg.eta,
             sde_kind=self.sampler_cfg.sde_kind,
             separate_uncond=not reference,  # backward through the cond rows only
+            reuse_uncond=reuse_uncond and not reference,
         )
 
     # ---- one rollout batch -> optimizer steps ----
@@ -222,7 +224,8 @@ class Learner:
                     self._micro_step(batch, 0, torch.zeros(1, dtype=torch.long), scale=0.0)
                     continue
                 step, rows = terms[n]
-                out = self._micro_step(batch, step, rows, scale=rows.numel() / trained)
+                # Before the first optimizer step the weights are the sampling ones: the rollout's uncond is reusable.
+                out = self._micro_step(batch, step, rows, scale=rows.numel() / trained, reuse_uncond=index == 0)
                 sums["terms"] += 1
                 for key in STAT_KEYS:
                     sums[key] += out[key]
@@ -238,8 +241,9 @@ class Learner:
         return UpdateStats(sums=sums, ratio_min=ratio_min, ratio_max=ratio_max, grad_norms=grad_norms,
                            lr=self.optimizer.param_groups[0]["lr"])
 
-    def _micro_step(self, batch: UpdateBatch, step: int, rows: torch.Tensor, scale: float) -> dict[str, float]:
-        log_prob_B, mean, std = self._step_terms(batch, step, rows)
+    def _micro_step(self, batch: UpdateBatch, step: int, rows: torch.Tensor, scale: float,
+                    reuse_uncond: bool = False) -> dict[str, float]:
+        log_prob_B, mean, std = self._step_terms(batch, step, rows, reuse_uncond=reuse_uncond)
         old_log_prob_B = batch.trajectory.log_prob[rows, step]
         loss, info = clipped_surrogate_loss(log_prob_B, old_log_prob_B, batch.advantages_B[rows], self.cfg.clip_range)
         kl = torch.zeros((), device=loss.device)

@@ -18,6 +18,7 @@ import torch
 from mixgrpo.config import ExperimentConfig, PolicyConfig
 from mixgrpo.engine.checkpoint import load_trained_weights
 from policies.base import Policy
+from policies.compile import maybe_compile
 from policies.parallel.dims import ParallelDims
 from policies.prepare import LoraRecipe, ModelRecipe, mixed_precision_dtype, prepare_transformer
 
@@ -61,6 +62,8 @@ def build_policy(cfg: ExperimentConfig, *, device: str | torch.device = "cpu", d
                             mesh=mesh)
     if checkpoint is not None:
         load_trained_weights(policy.transformer, checkpoint)
+    # last: compiles the blocks as the recipe (HiF8/LoRA/SP/FSDP) left them, after the trained weights are in
+    maybe_compile(policy.transformer, cfg.policy.compile, device)
     return policy
 
 

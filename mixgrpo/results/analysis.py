@@ -23,7 +23,7 @@ from typing import Any, Union
 
 import numpy as np
 import pandas as pd
-import yaml
+from mixgrpo import yaml_load
 
 from mixgrpo.results.runlog import CONFIG_FILE, EVENTS_FILE, METRICS_FILE, SAMPLES_FILE, read_parquet
 from mixgrpo.results.tracking import flatten
@@ -130,7 +130,7 @@ def load_run(path: PathLike, *, name: str | None = None) -> Run:
                 f"{path} is not a run directory: {required} is missing (a run written by mixgrpo train has "
                 f"{CONFIG_FILE}, {METRICS_FILE} and {SAMPLES_FILE}; pass the folder that holds them)"
             )
-    config = yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8")) or {}
+    config = yaml_load.load_file(path / CONFIG_FILE) or {}
     if not isinstance(config, dict):
         raise ValueError(f"{path / CONFIG_FILE} holds a {type(config).__name__}, expected a mapping of settings")
     return Run(

@@ -241,7 +241,8 @@ class OSPNext(nn.Module):
             sparse_e = plan.shard_batch(repeat_per_subsequence(e_B6C, k))
         x = plan.shard_full(x_BNC)
         layout = "full"
-        for block in self.blocks:
+        recompute = self.gradient_checkpointing  # a bool, or the set of block indices to recompute
+        for index, block in enumerate(self.blocks):
             if block.kind == "full":
                 if layout != "full":
                     x = plan.shard_full(plan.leave_sparse(x, geometry, layout))
@@ -254,7 +255,7 @@ class OSPNext(nn.Module):
                 args = (sparse_context, sparse_e, *sparse_rope[block.kind], sparse_mask[block.kind],
                         plan.sparse_attention)
             layout = block.kind
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+            if (recompute is True or (not isinstance(recompute, bool) and index in recompute)) and torch.is_grad_enabled():
                 x = checkpoint(block, x, *args, use_reentrant=False)
             else:
                 x = block(x, *args)

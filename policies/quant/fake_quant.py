@@ -40,6 +40,7 @@ from policies.quant.scaling import (
 __all__ = [
     "BACKENDS",
     "quantize_dequantize",
+    "hif8_qdq",
     "hif8_fake_quant",
     "TensorQuantizer",
     "LinearQuantizers",
@@ -63,15 +64,7 @@ def _use_triton(x: torch.Tensor, backend: str) -> bool:
     return backend == "auto" and x.is_cuda and _HAS_TRITON
 
 
-def quantize_dequantize(
-    x: torch.Tensor, amax: torch.Tensor, *, target_max: float, saturate: bool = False, backend: str = "auto"
-) -> torch.Tensor:
-    """``hif8_round(x * s) / s`` with ``s = target_max / max(amax, 1e-8)`` computed in fp32; x's dtype out.
-
-    ``backend="auto"`` uses the fused Triton kernel for CUDA tensors and the torch ops otherwise; the two
-    are bit-identical.
-    """
-    _check_float(x, "x")
+def _qdq_impl(x: torch.Tensor, amax: torch.Tensor, target_max: float, saturate: bool, backend: str) -> torch.Tensor:
     if _use_triton(x, backend):
         from policies.quant.triton_hif8 import hif8_quantize_dequantize_triton
 
@@ -87,14 +80,44 @@ def quantize_dequantize(
     return out.view(x.shape)
 
 
-class _StraightThrough(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, amax, target_max, saturate, backend):
-        return quantize_dequantize(x, amax, target_max=target_max, saturate=saturate, backend=backend)
+# One registered op for both devices, so torch.compile sees a single opaque node (inductor neither traces
+# the Triton launch, which failed to build, nor re-fuses the bit manipulation) and autograd sees the
+# straight-through rule.
+@torch.library.custom_op("mixgrpo::hif8_qdq", mutates_args=())
+def hif8_qdq(x: torch.Tensor, amax: torch.Tensor, target_max: float, saturate: bool, backend: str) -> torch.Tensor:
+    """``hif8_round(x * s) / s``, ``s = target_max / max(amax, 1e-8)`` in fp32; a new contiguous tensor."""
+    with torch.no_grad():
+        return _qdq_impl(x.detach(), amax.detach(), target_max, saturate, backend)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None, None, None, None
+
+@hif8_qdq.register_fake
+def _hif8_qdq_fake(x, amax, target_max, saturate, backend):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _hif8_qdq_setup_context(ctx, inputs, output):
+    pass
+
+
+def _hif8_qdq_backward(ctx, grad):
+    # Straight-through: d out / d x = identity; no gradient to the amax (it comes from a detached tensor).
+    return grad, None, None, None, None
+
+
+hif8_qdq.register_autograd(_hif8_qdq_backward, setup_context=_hif8_qdq_setup_context)
+
+
+def quantize_dequantize(
+    x: torch.Tensor, amax: torch.Tensor, *, target_max: float, saturate: bool = False, backend: str = "auto"
+) -> torch.Tensor:
+    """``hif8_round(x * s) / s`` with ``s = target_max / max(amax, 1e-8)`` computed in fp32; x's dtype out.
+
+    ``backend="auto"`` uses the fused Triton kernel for CUDA tensors and the torch ops otherwise; the two
+    are bit-identical. Runs as the custom op ``torch.ops.mixgrpo.hif8_qdq`` (straight-through gradient).
+    """
+    _check_float(x, "x")
+    _use_triton(x, backend)  # validates the backend name here, with a clear message, not inside the op
+    return hif8_qdq(x, amax, float(target_max), bool(saturate), backend)
 
 
 def hif8_fake_quant(
@@ -111,7 +134,7 @@ def hif8_fake_quant(
     """
     if amax is None:
         amax = tensor_amax(x)
-    return _StraightThrough.apply(x, amax, target_max, saturate, backend)
+    return quantize_dequantize(x, amax, target_max=target_max, saturate=saturate, backend=backend)
 
 
 def make_scaler(scaling: str, *, target_max: float, history_len: int = 16) -> Scaler:

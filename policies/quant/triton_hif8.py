@@ -24,14 +24,16 @@ _AMAX_FLOOR = tl.constexpr(AMAX_FLOOR)
 
 @triton.jit
 def _hif8_qdq_kernel(
-    x_ptr, out_ptr, amax_ptr, n, target_max, SATURATE: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK: tl.constexpr
+    x_ptr, out_ptr, amax_ptr, n, TARGET_MAX: tl.constexpr, SATURATE: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK: tl.constexpr
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     amax = tl.load(amax_ptr).to(tl.float32)
     # torch.clamp_min keeps a NaN amax, tl.maximum would not: spell it as a select.
     amax = tl.where(amax < _AMAX_FLOOR, _AMAX_FLOOR, amax)
-    scale = tl.math.div_rn(target_max + tl.zeros_like(amax), amax)
+    # TARGET_MAX is a constexpr holding an fp32 value: a runtime Python float argument arrives as fp64 when
+    # inductor launches the kernel, and div_rn refuses fp64.
+    scale = tl.math.div_rn(tl.full(amax.shape, TARGET_MAX, tl.float32), amax)
 
     y = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) * scale
     bits = y.to(tl.int32, bitcast=True)
@@ -66,6 +68,11 @@ def _hif8_qdq_kernel(
         tl.store(out_ptr + offs, q.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _fp32_value(value: float) -> float:
+    """value rounded to fp32 (as ``torch.full_like(amax, value)`` rounds it in the torch path)."""
+    return float(torch.tensor(float(value), dtype=torch.float32).item())
+
+
 def hif8_quantize_dequantize_triton(
     x: torch.Tensor, amax: torch.Tensor, *, target_max: float, saturate: bool = False
 ) -> torch.Tensor:
@@ -83,6 +90,6 @@ def hif8_quantize_dequantize_triton(
         out_bf16 = x.dtype == torch.bfloat16
         _hif8_qdq_kernel[grid](
             x_flat, out.view(torch.int16) if out_bf16 else out, amax.to(torch.float32).reshape(1), n,
-            float(target_max), SATURATE=bool(saturate), OUT_BF16=out_bf16, BLOCK=_BLOCK, num_warps=8,
+            TARGET_MAX=_fp32_value(target_max), SATURATE=bool(saturate), OUT_BF16=out_bf16, BLOCK=_BLOCK, num_warps=8,
         )
     return out.view(x.shape)
