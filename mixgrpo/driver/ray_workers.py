@@ -36,9 +36,10 @@ from typing import Any, Callable
 import torch
 
 from mixgrpo.config import ExperimentConfig, config_from_dict
-from mixgrpo.engine.learner import UpdatePlan, UpdateStats, merge_update_stats
+from mixgrpo.engine.learner import UpdatePlan, merge_update_stats
 from mixgrpo.engine.rollout import RolloutRequest, RolloutResult
-from mixgrpo.engine.worker import PolicyWorker, WorldLayout
+from mixgrpo.engine.worker import PolicyWorker, world_dims
+from policies.parallel.dims import ParallelDims
 
 PLACEMENT_TIMEOUT_S = 600.0
 """How long a worker group may wait for its resources (a restarted world waits for the dead one's to free)."""
@@ -46,22 +47,6 @@ PLACEMENT_TIMEOUT_S = 600.0
 
 class WorkerFault(RuntimeError):
     """A rank died or stopped making progress: the collective world is broken and must be restarted."""
-
-
-def contiguous_shares(num_groups: int, num_workers: int) -> list[list[int]]:
-    """Contiguous slices of ``num_groups`` prompt groups, one per worker group, sizes differing by at most one."""
-    per, extra = divmod(num_groups, num_workers)
-    out, start = [], 0
-    for w in range(num_workers):
-        size = per + (1 if w < extra else 0)
-        out.append(list(range(start, start + size)))
-        start += size
-    return out
-
-
-def sample_shares(prompt_shares: list[list[int]], group_size: int) -> list[tuple[int, int]]:
-    """``(first sample, number of samples)`` of each worker group, for its share of prompt groups."""
-    return [(share[0] * group_size if share else 0, len(share) * group_size) for share in prompt_shares]
 
 
 # ---- the cluster ----
@@ -145,8 +130,15 @@ def preflight(*, num_workers: int, sp_size: int, use_gpu: bool, settle_s: float 
 def cluster_fits(cfg: ExperimentConfig) -> None:
     """Join or start Ray and raise (RuntimeError, saying what is missing) unless it can host the run's ranks."""
     ensure_ray()
+    dims = ray_dims(cfg)
+    preflight(num_workers=dims.num_groups, sp_size=dims.sp_size, use_gpu=dims.use_gpu)
+
+
+def ray_dims(cfg: ExperimentConfig) -> ParallelDims:
+    """The run's world on this Ray cluster (``ensure_ray`` first): GPUs unless ``train.device=cpu`` (or ``auto``
+    on a cluster without any)."""
     use_gpu = cfg.train.device != "cpu" and (cfg.train.device != "auto" or _cluster_has_gpus())
-    preflight(num_workers=cfg.rollout.num_workers, sp_size=cfg.rollout.sp_size, use_gpu=use_gpu)
+    return world_dims(cfg, use_gpu=use_gpu)
 
 
 def _fault_types() -> tuple[type[BaseException], ...]:
@@ -184,16 +176,19 @@ def assigned_gpu_index() -> int:
     return visible.index(gpu) if visible else int(gpu)
 
 class WorkerActor:
-    """A :class:`PolicyWorker` inside a Ray actor. Group leaders (rank 0 of each group) return results."""
+    """A :class:`PolicyWorker` inside a Ray actor; the driver calls its methods through :meth:`call`."""
 
-    def __init__(self, cfg_dict: dict[str, Any], layout: WorldLayout) -> None:
+    LEADER_ONLY = frozenset({"rollout", "update", "generate"})
+    """Methods whose result every rank of a group computes alike: only the group's leader sends it back."""
+
+    def __init__(self, cfg_dict: dict[str, Any], dims: ParallelDims) -> None:
         self.cfg = config_from_dict(cfg_dict)
-        self.layout = layout
+        self.dims = dims
         if self.cfg.train.threads > 0:
             torch.set_num_threads(self.cfg.train.threads)
-        use_gpu = self.cfg.train.device != "cpu" and torch.cuda.is_available()
-        self.device = torch.device("cuda", assigned_gpu_index()) if use_gpu else torch.device("cpu")
-        if use_gpu:
+        # dims.use_gpu: the driver reserved one GPU for this actor
+        self.device = torch.device("cuda", assigned_gpu_index()) if dims.use_gpu else torch.device("cpu")
+        if dims.use_gpu:
             torch.cuda.set_device(self.device)
         self.worker: PolicyWorker | None = None
 
@@ -213,43 +208,20 @@ class WorkerActor:
 
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         extra = {"device_id": self.device} if backend == "nccl" else {}
-        dist.init_process_group(backend, init_method=f"tcp://{master[0]}:{master[1]}", rank=self.layout.rank,
-                                world_size=self.layout.world_size, timeout=datetime.timedelta(minutes=30), **extra)
-        self.worker = PolicyWorker(self.cfg, device=self.device, layout=self.layout)
+        dist.init_process_group(backend, init_method=f"tcp://{master[0]}:{master[1]}", rank=self.dims.rank,
+                                world_size=self.dims.world_size, timeout=datetime.timedelta(minutes=30), **extra)
+        self.worker = PolicyWorker(self.cfg, device=self.device, dims=self.dims)
         return True
 
-    def rollout(self, request: RolloutRequest) -> RolloutResult | None:
-        result = self.worker.rollout(request)
-        if not self.layout.leads_group:
-            return None  # every rank of the group computed the same videos; one copy crosses the wire
-        result.trajectory = None  # stays on the ranks for the update
-        return result
-
-    def update(self, advantages_B: torch.Tensor, plan: UpdatePlan, share: tuple[int, int]) -> UpdateStats | None:
-        stats = self.worker.update(advantages_B, plan, share)
-        return stats if self.layout.leads_group else None
-
-    def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor | None:
-        videos = self.worker.generate(prompts, seeds)
-        return videos if self.layout.leads_group else None
-
-    def local_state(self) -> dict[str, torch.Tensor]:
-        return self.worker.local_state()
-
-    def load_local_state(self, state: dict[str, torch.Tensor]) -> bool:
-        self.worker.load_local_state(state)
-        return True
-
-    def checkpoint_payload(self):
-        return self.worker.checkpoint_payload()
-
-    def save_sharded(self, folder: str) -> bool:
-        self.worker.save_sharded(folder)
-        return True
-
-    def load_checkpoint(self, path: str) -> bool:
-        self.worker.load_checkpoint(path)
-        return True
+    def call(self, method: str, *args: Any) -> Any:
+        """``worker.<method>(*args)``; None from a group's followers for :data:`LEADER_ONLY` methods, and True for
+        methods that return nothing (a result to wait for)."""
+        result = getattr(self.worker, method)(*args)
+        if method in self.LEADER_ONLY and not self.dims.leads_group:
+            return None  # every rank of the group computed the same; one copy crosses the wire
+        if method == "rollout":
+            result.trajectory = None  # stays on the ranks for the update
+        return True if result is None else result
 
 
 @dataclass
@@ -266,17 +238,16 @@ class RayWorkers:
         import ray
 
         self.cfg = cfg
-        self.num_groups, self.sp_size = cfg.rollout.num_workers, cfg.rollout.sp_size
-        self.world_size = self.num_groups * self.sp_size
-        self.sharded = cfg.learner.sharding == "fsdp"
+        self.how = ensure_ray()
+        self.dims = ray_dims(cfg)
+        self.num_groups, self.sp_size = self.dims.num_groups, self.dims.sp_size
+        self.world_size, self.sharded, self.use_gpu = self.dims.world_size, self.dims.sharded, self.dims.use_gpu
         self.max_restarts = max_restarts
         self.timeout_s = cfg.rollout.timeout_s
         self.recovery = cfg.rollout.recovery
         if self.recovery == "auto":
             self.recovery = "stop" if self.sharded else "snapshot"
         self.on_event = on_event or (lambda kind, **fields: None)
-        self.how = ensure_ray()
-        self.use_gpu = cfg.train.device != "cpu" and (cfg.train.device != "auto" or _cluster_has_gpus())
         preflight(num_workers=self.num_groups, sp_size=self.sp_size, use_gpu=self.use_gpu)
         options = {"runtime_env": {"env_vars": KEEP_VISIBLE_DEVICES}} if self.use_gpu else {}
         self._actor_cls = ray.remote(num_cpus=1, num_gpus=1 if self.use_gpu else 0, max_restarts=0,
@@ -317,10 +288,9 @@ class RayWorkers:
                                        "or rollout.sp_size")
             for g, group in enumerate(self.groups):
                 group.actors.extend(self._actor_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=group.placement_group, placement_group_bundle_index=s)).remote(
-                        self._cfg_dict, WorldLayout(num_groups=self.num_groups, sp_size=self.sp_size,
-                                                    rank=g * self.sp_size + s))
-                    for s in range(self.sp_size))
+                    placement_group=group.placement_group,
+                    placement_group_bundle_index=rank - g * self.sp_size)).remote(
+                        self._cfg_dict, self.dims.at_rank(rank)) for rank in self.dims.group_ranks(g))
             master = ray.get(self.actors[0].master_address.remote())
             self._call([a.start.remote(master) for a in self.actors], "start")
         except BaseException:
@@ -368,12 +338,12 @@ class RayWorkers:
 
     def rollout(self, request: RolloutRequest) -> RolloutResult:
         start = time.perf_counter()
-        prompt_shares = contiguous_shares(len(request.prompts), self.num_groups)
-        self.shares = sample_shares(prompt_shares, request.group_size)
+        prompt_shares = self.dims.prompt_shares(len(request.prompts))
+        self.shares = self.dims.sample_shares(len(request.prompts), request.group_size)
         refs = []
         for group, share in zip(self.groups, prompt_shares):
             part = request.slice(share)
-            refs.extend(actor.rollout.remote(part) for actor in group.actors)
+            refs.extend(actor.call.remote("rollout", part) for actor in group.actors)
         results = [r for r in self._call(refs, "rollout") if r is not None]
         return RolloutResult(request=request, trajectory=None,
                              videos_BTCHW=torch.cat([r.videos_BTCHW for r in results]),
@@ -383,17 +353,17 @@ class RayWorkers:
         refs = []
         for group, (first, count) in zip(self.groups, self.shares):
             part = advantages_B[first:first + count].clone()
-            refs.extend(actor.update.remote(part, plan, (first, count)) for actor in group.actors)
+            refs.extend(actor.call.remote("update", part, plan, (first, count)) for actor in group.actors)
         return merge_update_stats([s for s in self._call(refs, "update") if s is not None])
 
     def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         """ODE videos of the current policy, the prompts spread over the worker groups."""
-        shares = contiguous_shares(len(prompts), self.num_groups)
+        shares = self.dims.prompt_shares(len(prompts))
         refs = []
         for group, share in zip(self.groups, shares):
             # every rank takes part (sharded weights are gathered collectively); an idle group draws one filler
             picked = share or [0]
-            refs.extend(actor.generate.remote([prompts[i] for i in picked], [seeds[i] for i in picked])
+            refs.extend(actor.call.remote("generate", [prompts[i] for i in picked], [seeds[i] for i in picked])
                         for actor in group.actors)
         videos = [v for v in self._call(refs, "generate") if v is not None]
         return torch.cat([v for v, share in zip(videos, shares) if share])
@@ -428,10 +398,10 @@ class RayWorkers:
         Unsharded ranks hold identical states: rank 0's is kept for all. Not waited for: an actor runs its calls in
         order, so the copy is taken before the iteration's rollout there, and resolved only if it is needed."""
         actors = self.actors if self.sharded else self.actors[:1]
-        return [actor.local_state.remote() for actor in actors]
+        return [actor.call.remote("local_state") for actor in actors]
 
     def _restore(self, snapshot: list[Any]) -> None:
-        refs = [actor.load_local_state.remote(snapshot[rank if self.sharded else 0])
+        refs = [actor.call.remote("load_local_state", snapshot[rank if self.sharded else 0])
                 for rank, actor in enumerate(self.actors)]
         self._call(refs, "restore")
 
@@ -440,13 +410,13 @@ class RayWorkers:
     def checkpoint_payload(self):
         import ray
 
-        return ray.get(self.actors[0].checkpoint_payload.remote())
+        return ray.get(self.actors[0].call.remote("checkpoint_payload"))
 
     def save_sharded(self, folder) -> None:
-        self._call([actor.save_sharded.remote(str(folder)) for actor in self.actors], "checkpoint")
+        self._call([actor.call.remote("save_sharded", str(folder)) for actor in self.actors], "checkpoint")
 
     def load_checkpoint(self, path) -> None:
-        self._call([actor.load_checkpoint.remote(str(path)) for actor in self.actors], "resume")
+        self._call([actor.call.remote("load_checkpoint", str(path)) for actor in self.actors], "resume")
 
     def shutdown(self) -> None:
         """Kill the actors and free their placement groups (the Ray instance itself is left running)."""

@@ -10,6 +10,10 @@ A run whose learner is sharded (``learner.sharding=fsdp``) has no whole-model te
 its shards of weights, Adam state and EMA into ``dcp/`` (``torch.distributed.checkpoint``) inside the temporary
 folder, and the manifest covers those files too. :func:`read_model_weights` reassembles whole tensors from either
 kind, in one process.
+
+A rank's side of a checkpoint lives here too: :func:`learner_payload` (an unsharded learner's tensors and Adam
+state, which the driver writes), :func:`save_learner_shards` (each sharded rank's ``dcp/`` files),
+:func:`load_learner_state` (resume) and :func:`load_trained_weights` (a trained policy for sampling or export).
 """
 
 from __future__ import annotations
@@ -21,10 +25,14 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
+
+if TYPE_CHECKING:
+    from mixgrpo.engine.learner import Learner
 
 MANIFEST = "manifest.json"
 PREFIX = "iter_"
@@ -282,3 +290,71 @@ def _read_sharded(folder: Path, group: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"sharded checkpoint {folder} holds no {group!r} tensors")
     dcp.load({group: tensors}, checkpoint_id=str(folder), no_dist=True)
     return tensors
+
+
+# ---- a rank's training state: what a worker writes into a checkpoint and reads back ----
+
+def learner_payload(learner: Learner) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """(safetensors groups, torch.save groups) of an unsharded learner: the trained tensors and Adam's state."""
+    ema = learner.ema_state()
+    tensors = {"model": {k: v.cpu() for k, v in learner.trainable_state().items()},
+               **({"ema": {k: v.cpu() for k, v in ema.items()}} if ema is not None else {})}
+    # On the CPU like the rest: the driver that unpickles it may have no GPU (and holds no model on one).
+    optimizer = learner.optimizer.state_dict()
+    optimizer["state"] = {key: {name: value.cpu() if torch.is_tensor(value) else value for name, value in state.items()}
+                          for key, state in optimizer["state"].items()}
+    return tensors, {"optimizer": optimizer}
+
+
+def save_learner_shards(learner: Learner, folder: str | Path) -> None:
+    """Write this rank's shards of weights, Adam state and EMA into ``folder`` (torch.distributed.checkpoint;
+    every rank calls it with the same folder)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_dcp_state(learner), checkpoint_id=str(folder))
+
+
+def load_learner_state(learner: Learner, path: str | Path, *, sharded: bool) -> None:
+    """Restore weights, Adam state and EMA from a checkpoint folder written by this run's configuration
+    (``sharded``: this learner is FSDP-sharded)."""
+    path = Path(path)
+    if (path / SHARDED_DIR).is_dir():
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = _dcp_state(learner)
+        dcp.load(state, checkpoint_id=str(path / SHARDED_DIR))
+        set_state_dict(learner.transformer, learner.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+        return
+    if sharded:
+        raise ValueError(f"checkpoint {path} was written without learner.sharding=fsdp; resume it with the "
+                         "sharding it was trained with")
+    ckpt = read_checkpoint(path)
+    learner.load_trainable_state(ckpt.tensors["model"], ckpt.tensors.get("ema"))
+    learner.optimizer.load_state_dict(ckpt.objects["optimizer"])
+
+
+def _dcp_state(learner: Learner) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, optimizer = get_state_dict(learner.transformer, learner.optimizer)
+    state = {"model": model, "optimizer": optimizer}
+    if learner.ema is not None:
+        state["ema"] = learner.ema.shadow
+    return state
+
+
+def load_trained_weights(transformer: nn.Module, checkpoint: str | Path, *, ema: bool = True) -> None:
+    """Copy a checkpoint's trained tensors (its EMA when ``ema`` and present) into ``transformer``, sharded or not."""
+    from policies.parallel.fsdp import copy_full_
+
+    weights = read_model_weights(Path(checkpoint), ema=ema)
+    params = dict(transformer.named_parameters())
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise ValueError(f"checkpoint {checkpoint} holds tensors this policy lacks, e.g. {unknown[:3]}; was it "
+                         "written with other policy or learner.lora settings?")
+    with torch.no_grad():
+        for name, value in weights.items():
+            copy_full_(params[name], value)

@@ -15,7 +15,7 @@ import contextlib
 import copy
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ from mixgrpo.config import LearnerConfig, SamplerConfig
 from mixgrpo.algo.loss import clipped_surrogate_loss, kl_to_reference
 from mixgrpo.algo.sampler import Trajectory, recompute_log_prob
 from policies.base import flow_velocity
+from policies.lora import adapters_disabled
 
 if TYPE_CHECKING:
     import torch.distributed as dist
@@ -118,37 +119,6 @@ def merge_update_stats(parts: list[UpdateStats]) -> dict[str, float]:
                   "ratio/first_step": sums.get("first/ratio", 0.0) / first if first else 1.0,
                   "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else 0.0, "lr": parts[0].lr})
     return stats
-
-
-def apply_lora(transformer: nn.Module, *, rank: int, alpha: float, targets: list[str]) -> nn.Module:
-    """Inject LoRA adapters (peft) into ``transformer`` in place; only the adapters stay trainable."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian", lora_dropout=0.0)
-    transformer.requires_grad_(False)
-    inject_adapter_in_model(config, transformer)
-    for name, param in transformer.named_parameters():
-        param.requires_grad_("lora_" in name)
-    if not any(p.requires_grad for p in transformer.parameters()):
-        raise ValueError(f"learner.lora.targets {targets} matched no module of the transformer; "
-                         "name modules as they appear in transformer.named_modules(), e.g. self_attn.q")
-    # Gaussian init of B as well as A would change the model; peft's "gaussian" keeps B at zero: the start is the base.
-    return transformer
-
-
-@contextlib.contextmanager
-def adapters_disabled(module: nn.Module) -> Iterator[None]:
-    """Run the base model without its LoRA adapters (the KL reference in the OSP-Next recipe)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)
 
 
 class EMA:

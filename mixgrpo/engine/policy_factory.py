@@ -1,8 +1,9 @@
-"""The one place a policy is built from an experiment config: base model, HiF8, LoRA, sharding, trained weights.
+"""The one place a policy is built from an experiment config: base model, the model recipe, trained weights.
 
 The local trainer, every Ray worker rank, ``mixgrpo sample`` and the benchmarks call :func:`build_policy`, so
 they all see the same numerics (quantization and LoRA are applied to the one transformer that rollouts and
-updates share, which keeps the first-step probability ratio at 1). This is also the only module of ``mixgrpo``
+updates share, which keeps the first-step probability ratio at 1). What is applied to the transformer, and in
+which order, is ``policies.prepare`` (one recipe, one function). This is also the only module of ``mixgrpo``
 that names concrete policies.
 """
 
@@ -10,27 +11,42 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from mixgrpo.config import ExperimentConfig, PolicyConfig
+from mixgrpo.engine.checkpoint import load_trained_weights
 from policies.base import Policy
 from policies.compile import maybe_compile
+from policies.parallel.dims import ParallelDims
+from policies.prepare import LoraRecipe, ModelRecipe, mixed_precision_dtype, prepare_transformer
 
-Shard = Callable[[nn.Module], None]
-"""Applied to the transformer in place after HiF8 and LoRA, before its weights are materialised or loaded
-(sequence parallelism, FSDP)."""
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+__all__ = ["build_policy", "check_parallel_degrees", "load_trained_weights", "model_recipe", "transformer_geometry"]
 
 
-def build_policy(cfg: ExperimentConfig, *, device: str | torch.device = "cpu", shard: Shard | None = None,
-                 checkpoint: str | Path | None = None, trainable: bool = True) -> Policy:
-    """The experiment's policy on ``device``.
+def model_recipe(cfg: ExperimentConfig, *, trainable: bool = True) -> ModelRecipe:
+    """What ``cfg`` asks to apply to its transformer (``trainable=False``: the frozen base of a KL reference)."""
+    lora = cfg.learner.lora
+    return ModelRecipe(gradient_checkpointing=cfg.policy.gradient_checkpointing, quantization=cfg.policy.quantization,
+                       lora=LoraRecipe(rank=lora.rank, alpha=lora.alpha, targets=tuple(lora.targets))
+                       if trainable and lora.enabled else None,
+                       trainable=trainable, mixed_precision=mixed_precision_dtype(cfg.learner.mixed_precision),
+                       seed=cfg.train.seed)
+
+
+def build_policy(cfg: ExperimentConfig, *, device: str | torch.device = "cpu", dims: ParallelDims = ParallelDims(),
+                 mesh: DeviceMesh | None = None, checkpoint: str | Path | None = None,
+                 trainable: bool = True) -> Policy:
+    """The experiment's policy on ``device``, its transformer prepared for the world ``dims`` describes.
 
     Args:
-        shard: see :data:`Shard`; a synthetic transformer is built on the meta device and materialised only
-            after it, so each rank allocates just its own shards.
+        dims, mesh: this rank's world and its mesh (``dims.world_mesh()``; needed when ``dims.sharded``); the
+            default is one device. A synthetic transformer is built on the meta device and materialised only
+            after sharding, so each rank allocates just its own shards.
         checkpoint: a checkpoint folder of a run; its trained weights (the EMA when the run kept one) replace the
             transformer's trainable tensors.
         trainable: False builds the frozen reference of a KL term: the base without LoRA adapters.
@@ -40,40 +56,14 @@ def build_policy(cfg: ExperimentConfig, *, device: str | torch.device = "cpu", s
         # Every process seeds the same way, so randomly initialised parts (LoRA's A matrices) agree everywhere.
         torch.manual_seed(cfg.train.seed)
         policy = _base_policy(cfg.policy, device=device)
-        transformer = policy.transformer
-        if cfg.policy.gradient_checkpointing:
-            from policies.checkpointing import apply_checkpointing
-
-            apply_checkpointing(transformer, cfg.policy.gradient_checkpointing)
-        if cfg.policy.quantization == "fp8":
-            from policies.quant.fp8 import apply_fp8
-
-            apply_fp8(transformer)
-        if cfg.policy.quantization == "hif8":
-            from policies.quant import apply_hif8
-
-            apply_hif8(transformer)
-        if trainable and cfg.learner.lora.enabled:
-            from mixgrpo.engine.learner import apply_lora
-
-            lora = cfg.learner.lora
-            apply_lora(transformer, rank=lora.rank, alpha=lora.alpha, targets=lora.targets)
-    if not trainable:
-        transformer.requires_grad_(False)
-    policy.text_encoder.to(device)
-    policy.vae.to(device)
-    on_meta = any(p.is_meta for p in transformer.parameters())
-    if not on_meta:
-        transformer.to(device)
-    if shard is not None:
-        shard(transformer)
-    if on_meta:
-        from policies.synthetic import materialize_
-
-        materialize_(transformer, device, seed=cfg.train.seed)
+        policy.text_encoder.to(device)
+        policy.vae.to(device)
+        prepare_transformer(policy.transformer, model_recipe(cfg, trainable=trainable), dims=dims, device=device,
+                            mesh=mesh)
     if checkpoint is not None:
-        load_trained_weights(transformer, checkpoint)
-    maybe_compile(transformer, cfg.policy.compile, device)  # last: compiles the blocks as HiF8/LoRA/SP/FSDP left them
+        load_trained_weights(policy.transformer, checkpoint)
+    # last: compiles the blocks as the recipe (HiF8/LoRA/SP/FSDP) left them, after the trained weights are in
+    maybe_compile(policy.transformer, cfg.policy.compile, device)
     return policy
 
 
@@ -92,22 +82,6 @@ def _base_policy(cfg: PolicyConfig, *, device: torch.device) -> Policy:
     from policies.wan import build_wan_policy
 
     return build_wan_policy(cfg, device=device)
-
-
-def load_trained_weights(transformer: nn.Module, checkpoint: str | Path, *, ema: bool = True) -> None:
-    """Copy a checkpoint's trained tensors (its EMA when ``ema`` and present) into ``transformer``, sharded or not."""
-    from mixgrpo.engine.checkpoint import read_model_weights
-    from policies.parallel.fsdp import copy_full_
-
-    weights = read_model_weights(Path(checkpoint), ema=ema)
-    params = dict(transformer.named_parameters())
-    unknown = sorted(set(weights) - set(params))
-    if unknown:
-        raise ValueError(f"checkpoint {checkpoint} holds tensors this policy lacks, e.g. {unknown[:3]}; was it "
-                         "written with other policy or learner.lora settings?")
-    with torch.no_grad():
-        for name, value in weights.items():
-            copy_full_(params[name], value)
 
 
 def transformer_geometry(cfg: PolicyConfig) -> tuple[int | None, int | None]:

@@ -1,30 +1,31 @@
-"""One rank that samples and learns, and the in-process set of workers of the local backend.
+"""One rank that samples and learns, the in-process set of workers of the local backend, and what both sets share.
 
-A :class:`PolicyWorker` builds the policy (``mixgrpo.engine.policy_factory.build_policy``), shards it over its world
-(sequence parallelism inside a worker group of ``rollout.sp_size`` ranks; FSDP over every rank with
-``learner.sharding=fsdp``), samples its share of each iteration's prompt groups, keeps the trajectories where they
-were made, and trains on them when the driver sends the advantages. Every rank takes the same optimizer step
+A :class:`PolicyWorker` builds the policy (``mixgrpo.engine.policy_factory.build_policy``) prepared for its world
+(a :class:`policies.parallel.dims.ParallelDims`: sequence parallelism inside a worker group, FSDP over every rank
+with ``learner.sharding=fsdp``), samples its share of each iteration's prompt groups, keeps the trajectories where
+they were made, and trains on them when the driver sends the advantages. Every rank takes the same optimizer step
 (gradients are summed over all ranks), so no weights ever travel.
 
 :class:`LocalWorkers` is one worker in the driver's process (``rollout.backend=local``);
-``mixgrpo.driver.ray_workers.RayWorkers`` runs ``num_workers x sp_size`` of them as Ray actors. The trainer talks to both
-through the same methods.
+``mixgrpo.driver.ray_workers.RayWorkers`` runs ``num_workers x sp_size`` of them as Ray actors. The trainer talks to
+both through :class:`WorkerSet`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
-from torch import nn
 
 from mixgrpo.config import ExperimentConfig
+from mixgrpo.engine.checkpoint import learner_payload, load_learner_state, save_learner_shards
 from mixgrpo.engine.learner import Learner, UpdateBatch, UpdatePlan, UpdateStats, merge_update_stats
-from mixgrpo.engine.policy_factory import build_policy
+from mixgrpo.engine.policy_factory import build_policy, transformer_geometry
 from mixgrpo.engine.rollout import LocalRolloutEngine, RolloutRequest, RolloutResult, generate
+from policies.parallel.dims import ParallelDims
+from policies.prepare import mixed_precision_dtype
 
 
 def resolve_device(name: str) -> torch.device:
@@ -33,77 +34,67 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@dataclass(frozen=True)
-class WorldLayout:
-    """Where a rank sits: ``num_groups`` worker groups of ``sp_size`` consecutive ranks (one world)."""
+def world_dims(cfg: ExperimentConfig, *, use_gpu: bool = False) -> ParallelDims:
+    """The run's world, from its config: ``rollout.num_workers`` worker groups of ``rollout.sp_size`` ranks (one
+    group on the local backend), split into SSP x Ulysses for its transformer, FSDP or not. Rank 0; each rank
+    takes ``.at_rank(r)``. Raises ``ValueError`` naming ``rollout.sp_size`` when it does not fit the model."""
+    fsdp = cfg.learner.sharding == "fsdp"
+    if cfg.rollout.backend != "ray":
+        return ParallelDims(fsdp=fsdp, use_gpu=use_gpu)
+    heads, sparse_ratio = transformer_geometry(cfg.policy) if cfg.rollout.sp_size > 1 else (None, None)
+    return ParallelDims.for_model(num_groups=cfg.rollout.num_workers, sp_size=cfg.rollout.sp_size, num_heads=heads,
+                                  sparse_ratio=sparse_ratio, fsdp=fsdp, use_gpu=use_gpu)
 
-    num_groups: int = 1
-    sp_size: int = 1
-    rank: int = 0
 
-    @property
-    def world_size(self) -> int:
-        return self.num_groups * self.sp_size
+@runtime_checkable
+class WorkerSet(Protocol):
+    """What the trainer drives: the local worker (:class:`LocalWorkers`) or the Ray worker groups (``RayWorkers``)."""
 
-    @property
-    def group(self) -> int:
-        return self.rank // self.sp_size
+    world_size: int
+    """Ranks that compute each update."""
+    sharded: bool
+    """FSDP: checkpoints are written by every rank (``save_sharded``), not from ``checkpoint_payload``."""
+    shares: list[tuple[int, int]]
+    """``(first sample, number of samples)`` of each worker group in the last rollout."""
 
-    @property
-    def leads_group(self) -> bool:
-        """Rank 0 of its worker group: the one that returns the group's results (its peers hold the same)."""
-        return self.rank % self.sp_size == 0
+    def rollout(self, request: RolloutRequest) -> RolloutResult: ...
+
+    def update(self, advantages_B: torch.Tensor, plan: UpdatePlan) -> dict[str, float]: ...
+
+    def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor: ...
+
+    def attempt(self, step: Callable[[], Any], iteration: int) -> Any: ...
+    def checkpoint_payload(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]: ...
+
+    def save_sharded(self, folder: Path) -> None: ...
+
+    def load_checkpoint(self, path: Path) -> None: ...
+
+    def shutdown(self) -> None: ...
 
 
 class PolicyWorker:
     """One rank: policy, learner and the trajectories of its share of the current iteration."""
 
-    def __init__(self, cfg: ExperimentConfig, *, device: torch.device, layout: WorldLayout = WorldLayout()) -> None:
-        self.cfg, self.device, self.layout = cfg, device, layout
-        self.sharded = cfg.learner.sharding == "fsdp" and layout.world_size > 1  # the config check requires both
-        distributed = layout.world_size > 1
-        self.policy = build_policy(cfg, device=device, shard=self._shard if distributed else None)
+    def __init__(self, cfg: ExperimentConfig, *, device: torch.device, dims: ParallelDims = ParallelDims()) -> None:
+        self.cfg, self.device, self.dims = cfg, device, dims
+        self.sharded = dims.sharded
+        mesh = dims.world_mesh() if dims.distributed else None
+        self.policy = build_policy(cfg, device=device, dims=dims, mesh=mesh)
         reference = None
-        if distributed and cfg.learner.kl_coeff > 0 and cfg.learner.kl_reference == "frozen_copy":
+        if dims.distributed and cfg.learner.kl_coeff > 0 and cfg.learner.kl_reference == "frozen_copy":
             # A sharded model cannot be deep-copied: build the frozen base the same way, sharded alike.
-            reference = build_policy(cfg, device=device, shard=self._shard, trainable=False).transformer
-        grad_group = None
-        if distributed and not self.sharded:
-            import torch.distributed as dist
-
-            grad_group = dist.group.WORLD
+            reference = build_policy(cfg, device=device, dims=dims, mesh=mesh, trainable=False).transformer
+        # Unsharded over several ranks: the learner sums gradients over the world itself (FSDP does when sharded).
+        grad_group = mesh.get_group() if mesh is not None and not self.sharded else None
         self.learner = Learner(self.policy.transformer, cfg.learner, cfg.sampler, autocast=self._autocast,
                                reference=reference, grad_group=grad_group)
         self.engine = LocalRolloutEngine(self.policy, cfg.sampler, device=device,
                                          batch_groups=max(1, cfg.rollout.batch_size // cfg.rollout.group_size))
         self.batch: UpdateBatch | None = None
 
-    # ---- building ----
-
-    def _shard(self, transformer: nn.Module) -> None:
-        """Sequence parallelism inside the worker group, HiF8 scales shared over it, FSDP over every rank."""
-        from policies.parallel import apply_sequence_parallel, check_degrees
-
-        cfg = self.cfg
-        config = getattr(transformer, "config", None)
-        sizes = check_degrees(self.layout.sp_size, num_heads=getattr(config, "num_heads", None),
-                              sparse_ratio=getattr(config, "sparse_ratio", None))
-        if sizes is not None:
-            groups = apply_sequence_parallel(transformer, ssp_size=sizes.ssp_size, ulysses_size=sizes.ulysses_size)
-            if cfg.policy.quantization == "hif8":
-                from policies.quant import share_amax
-
-                share_amax(transformer, groups.sp)
-        if self.sharded:
-            from policies.parallel.fsdp import apply_fsdp
-
-            compute = transformer_dtype(transformer)
-            transformer.to(torch.float32)  # FSDP keeps float32 master weights; forwards run in the policy's dtype
-            mixed = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.learner.mixed_precision)
-            apply_fsdp(transformer, param_dtype=mixed or compute)
-
     def _autocast(self) -> contextlib.AbstractContextManager:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.learner.mixed_precision)
+        dtype = mixed_precision_dtype(self.cfg.learner.mixed_precision)
         if dtype is None or self.sharded:  # FSDP already computes in the mixed-precision dtype
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
@@ -170,67 +161,27 @@ class PolicyWorker:
         self.learner.load_local_state(state)
 
     def checkpoint_payload(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-        """(safetensors groups, torch.save groups) of an unsharded learner: the trained tensors and Adam's state."""
-        ema = self.learner.ema_state()
-        tensors = {"model": {k: v.cpu() for k, v in self.learner.trainable_state().items()},
-                   **({"ema": {k: v.cpu() for k, v in ema.items()}} if ema is not None else {})}
-        # On the CPU like the rest: the driver that unpickles it may have no GPU (and holds no model on one).
-        optimizer = self.learner.optimizer.state_dict()
-        optimizer["state"] = {key: {name: value.cpu() if torch.is_tensor(value) else value for name, value in state.items()}
-                              for key, state in optimizer["state"].items()}
-        return tensors, {"optimizer": optimizer}
+        """(safetensors groups, torch.save groups) of an unsharded learner (``checkpoint.learner_payload``)."""
+        return learner_payload(self.learner)
 
     def save_sharded(self, folder: str) -> None:
-        """Write this rank's shards of weights, Adam state and EMA into ``folder`` (torch.distributed.checkpoint;
-        every rank calls it with the same folder)."""
-        import torch.distributed.checkpoint as dcp
-
-        dcp.save(self._dcp_state(), checkpoint_id=str(folder))
+        """Write this rank's shards into ``folder`` (every rank calls it with the same folder)."""
+        save_learner_shards(self.learner, folder)
 
     def load_checkpoint(self, path: str) -> None:
         """Restore weights, Adam state and EMA from a checkpoint folder written by this run's configuration."""
-        from mixgrpo.engine.checkpoint import SHARDED_DIR, read_checkpoint
-
-        path = Path(path)
-        if (path / SHARDED_DIR).is_dir():
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import set_state_dict
-
-            state = self._dcp_state()
-            dcp.load(state, checkpoint_id=str(path / SHARDED_DIR))
-            set_state_dict(self.learner.transformer, self.learner.optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optimizer"])
-            return
-        if self.sharded:
-            raise ValueError(f"checkpoint {path} was written without learner.sharding=fsdp; resume it with the "
-                             "sharding it was trained with")
-        ckpt = read_checkpoint(path)
-        self.learner.load_trainable_state(ckpt.tensors["model"], ckpt.tensors.get("ema"))
-        self.learner.optimizer.load_state_dict(ckpt.objects["optimizer"])
-
-    def _dcp_state(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model, optimizer = get_state_dict(self.learner.transformer, self.learner.optimizer)
-        state = {"model": model, "optimizer": optimizer}
-        if self.learner.ema is not None:
-            state["ema"] = self.learner.ema.shadow
-        return state
-
-
-def transformer_dtype(transformer: nn.Module) -> torch.dtype:
-    return next(transformer.parameters()).dtype
+        load_learner_state(self.learner, path, sharded=self.sharded)
 
 
 class LocalWorkers:
     """The local backend: one :class:`PolicyWorker` in the driver's process."""
 
-    world_size = 1
-    sharded = False
-
     def __init__(self, cfg: ExperimentConfig, *, on_event: Callable[..., None] | None = None) -> None:
         self.cfg = cfg
-        self.worker = PolicyWorker(cfg, device=resolve_device(cfg.train.device))
+        device = resolve_device(cfg.train.device)
+        self.dims = world_dims(cfg, use_gpu=device.type == "cuda")
+        self.world_size, self.sharded = self.dims.world_size, self.dims.sharded
+        self.worker = PolicyWorker(cfg, device=device, dims=self.dims)
         self.shares: list[tuple[int, int]] = []
 
     def rollout(self, request: RolloutRequest) -> RolloutResult:
@@ -247,7 +198,7 @@ class LocalWorkers:
         """Run one iteration (a fault in this process is not recoverable here: it propagates)."""
         return step()
 
-    def checkpoint_payload(self):
+    def checkpoint_payload(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
         return self.worker.checkpoint_payload()
 
     def save_sharded(self, folder: Path) -> None:

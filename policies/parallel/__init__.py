@@ -1,4 +1,5 @@
-"""Sequence parallelism for OSP-Next: process groups, autograd collectives with accounting, Ulysses, SSP."""
+"""Parallelism for OSP-Next: the world's layout (``ParallelDims``), sequence parallelism (process groups, autograd
+collectives with accounting, Ulysses, SSP) and FSDP."""
 
 from policies.parallel.apply import (
     SequenceParallelPlan,
@@ -8,9 +9,11 @@ from policies.parallel.apply import (
 )
 from policies.parallel.comm import comm_scope, record_comm
 from policies.parallel.degrees import check_degrees, sp_degrees
+from policies.parallel.dims import ParallelDims
 from policies.parallel.groups import SequenceParallelGroups, SequenceParallelSizes, build_groups
 
 __all__ = [
+    "ParallelDims",
     "SequenceParallelGroups",
     "SequenceParallelPlan",
     "SequenceParallelSizes",

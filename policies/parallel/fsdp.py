@@ -26,19 +26,18 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
-def apply_fsdp(model: nn.Module, *, group: dist.ProcessGroup | None = None, param_dtype: torch.dtype | None = None,
-               reduce_dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Shard ``model`` (an ``OSPNext``: ``model.blocks`` are the units) over ``group`` (default: the world), in place.
-
-    Call it on every rank of ``group``, after LoRA injection, HiF8 and sequence parallelism were applied, and
-    before the optimizer is built. Parameters may still be on the meta device (materialise them afterwards with
-    ``model.to_empty(device=...)`` and an init that writes the local shards).
+def apply_fsdp(model: nn.Module, *, mesh: DeviceMesh | None = None, group: dist.ProcessGroup | None = None,
+               param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Shard ``model`` (an ``OSPNext``: ``model.blocks`` are the units) over ``mesh`` (1-D), else over ``group``
+    (default: the world), in place; call it on every rank of the mesh. Where it comes in preparing a model (and
+    why there): ``policies.prepare``. Parameters may still be on the meta device (materialise them afterwards
+    with ``model.to_empty(device=...)`` and an init that writes the local shards).
     """
     if not hasattr(model, "blocks"):
         raise ValueError("apply_fsdp expects a transformer with a `blocks` ModuleList (an OSPNext)")
-    group = group or dist.group.WORLD
-    device_type = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
-    mesh = DeviceMesh.from_group(group, device_type)
+    if mesh is None:
+        group = group or dist.group.WORLD
+        mesh = DeviceMesh.from_group(group, "cuda" if dist.get_backend(group) == "nccl" else "cpu")
     # No casting of forward inputs: the model casts what its layers need itself, and some inputs must stay float32
     # (timesteps on the 0..1000 scale, RoPE tables, modulation), as in the unsharded model.
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)

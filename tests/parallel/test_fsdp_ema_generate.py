@@ -12,13 +12,13 @@ pytestmark = pytest.mark.dist
 
 def _check(rank, world, weights):
     from mixgrpo.config import load_config
-    from mixgrpo.engine.worker import PolicyWorker, WorldLayout
+    from mixgrpo.engine.worker import PolicyWorker, world_dims
 
     cfg = load_config("quickstart", ["sampler.num_steps=4", "window.size=2", "rollout.prompts_per_iteration=2",
                                      "rollout.group_size=2", "rollout.batch_size=2", "train.device=cpu",
                                      f"policy.weights={weights}", "learner.sharding=fsdp", "learner.ema_decay=0.5",
                                      "rollout.backend=ray", "rollout.num_workers=2", "eval.every=0"])
-    worker = PolicyWorker(cfg, device=torch.device("cpu"), layout=WorldLayout(num_groups=2, sp_size=1, rank=rank))
+    worker = PolicyWorker(cfg, device=torch.device("cpu"), dims=world_dims(cfg).at_rank(rank))
     raw = worker.generate(["a red square moving left"], [1])
     with torch.no_grad():
         for shadow in worker.learner.ema.shadow.values():

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from mixgrpo.driver.ray_workers import contiguous_shares, missing_resources, sample_shares
+from mixgrpo.driver.ray_workers import missing_resources
+from policies.parallel.dims import contiguous_shares, sample_shares
 from policies.parallel import check_degrees, sp_degrees
 
 
@@ -63,3 +64,20 @@ def test_missing_resources_name_cpus_gpus_and_the_node_an_sp_group_needs():
     cpus = {"CPU": 4.0}
     assert missing_resources(num_workers=5, sp_size=1, use_gpu=False, available=cpus, total=cpus, per_node=[cpus]) \
         == ["5 CPUs for 5 worker groups x sp_size 1 (4 free of 4 in the cluster)"]
+
+
+def test_local_and_ray_workers_implement_the_worker_protocol():
+    import inspect
+
+    from mixgrpo.config import load_config
+    from mixgrpo.driver.ray_workers import RayWorkers
+    from mixgrpo.engine.worker import LocalWorkers, WorkerSet
+
+    local = LocalWorkers(load_config("quickstart", ["train.device=cpu"]))
+    assert isinstance(local, WorkerSet)
+    methods = [name for name, value in vars(WorkerSet).items() if inspect.isfunction(value) and name[0] != "_"]
+    assert len(methods) == 8
+    for cls in (LocalWorkers, RayWorkers):
+        for name in methods:  # RayWorkers needs a cluster to build: its methods are checked by signature
+            expected = list(inspect.signature(getattr(WorkerSet, name)).parameters)
+            assert list(inspect.signature(getattr(cls, name)).parameters) == expected, (cls.__name__, name)
