@@ -48,3 +48,30 @@ def test_block_speed_rejects_unknown_quant():
     bench = _load("block_speed")
     with pytest.raises(SystemExit):
         bench.main(["--device", "cpu", "--tiny", "--quant", "int4"])
+
+
+def test_iteration_scaling_passes_compile_and_quantization_overrides_through(tmp_path, capsys):
+    from mixgrpo.config import load_config
+
+    bench = _load("iteration_scaling")
+    import argparse
+
+    args = argparse.Namespace(preset="tiny", layout="dual_end", full_blocks=2, frames=5, height=64, width=64,
+                              device="cpu", checkpointing=True, steps=4, cfg=5.0, window=2, sp=1, prompts=4,
+                              group=2, batch=2, micro_batch=2, optimizer_steps=1, warmup=0, iters=1,
+                              extra=["policy.compile=true", "policy.quantization=hif8",
+                                     "policy.gradient_checkpointing=false"])
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a\nb\nc\nd\n")
+    cfg = load_config("quickstart", bench.overrides(args, 2, prompts))
+    assert cfg.policy.compile is True and cfg.policy.quantization == "hif8"
+    assert cfg.policy.gradient_checkpointing in (False, "none")  # the positional override wins over the script's
+    # MFU columns: taken from the trainer's metrics rows where present, '-' where not
+    rows = [{"perf/mfu/rollout": 0.4, "perf/mfu/update": 0.3, "time/rollout": 1.0, "time/update": 1.0}]
+    assert bench.phase_mfu(rows, cfg, 1) == {"perf/mfu/rollout": 0.4, "perf/mfu/update": 0.3}
+    row = dict(gpus=1, workers=1, sp=1, seconds_per_iteration=2.0, rollout_s=1.0, reward_s=0.1, update_s=0.9,
+               busy_share=None, peak_allocated_gib=1.0, mfu_rollout=0.4, mfu_update=None, compile=True,
+               quantization="hif8", preset="tiny", video="5x64x64", steps=4, window=2, videos=8)
+    bench.print_table([row])
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert "40.0%" in line and line.rstrip().endswith("True/hif8") and " - " in line
