@@ -14,6 +14,7 @@ through the same methods.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -75,7 +76,8 @@ class PolicyWorker:
         self.learner = Learner(self.policy.transformer, cfg.learner, cfg.sampler, autocast=self._autocast,
                                reference=reference, grad_group=grad_group)
         self.engine = LocalRolloutEngine(self.policy, cfg.sampler, device=device,
-                                         batch_groups=max(1, cfg.rollout.batch_size // cfg.rollout.group_size))
+                                         batch_groups=max(1, cfg.rollout.batch_size // cfg.rollout.group_size),
+                                         keep_uncond=cfg.learner.reuse_rollout_uncond)
         self.batch: UpdateBatch | None = None
 
     # ---- building ----
@@ -127,6 +129,9 @@ class PolicyWorker:
         cond, neg = text_states(self.policy, request.sample_prompts, self.device)
         self.batch = UpdateBatch(trajectory=result.trajectory, advantages_B=torch.zeros(0), text_states_BLD=cond,
                                  negative_text_states_BLD=neg if guided else None)
+        if result.trajectory.uncond_velocity is not None:  # only this rank's update needs it, not the driver
+            result = dataclasses.replace(result, trajectory=dataclasses.replace(result.trajectory,
+                                                                                uncond_velocity=None))
         return result
 
     def update(self, advantages_B: torch.Tensor, plan: UpdatePlan, share: tuple[int, int]) -> UpdateStats:
