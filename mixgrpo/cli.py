@@ -19,11 +19,33 @@ import os
 import sys
 from pathlib import Path
 
-from mixgrpo.config import ConfigError, load_config, resolve_config, shipped_configs
+# mixgrpo.config (and what it imports: torch, transformers, diffusers) loads only when a command runs, so --version,
+# --help and a mistyped command answer at once.
+COMMANDS = {
+    "train": "post-train a policy with Mix-GRPO",
+    "config": "print the resolved configuration (every key, its value and its doc)",
+    "sample": "write sample videos of a policy as mp4",
+    "report": "summarise runs: a table in the terminal, plots on disk",
+    "export": "write a run's weights as a PEFT LoRA adapter or a diffusers transformer folder",
+    "toy-pretrain": "pretrain the toy world's base model (flow matching)",
+}
+
+
+def load_config(*args, **kwargs):
+    from mixgrpo.config import load_config as load
+
+    return load(*args, **kwargs)
+
+
+def shipped_configs() -> list[str]:
+    """Names of the shipped configs (the same as mixgrpo.config.shipped_configs, without importing it)."""
+    return sorted(p.stem for p in (Path(__file__).parent / "configs").glob("*.yaml"))
 
 
 def quickstart_path() -> Path:
     """The quickstart config shipped inside the package."""
+    from mixgrpo.config import resolve_config
+
     return resolve_config("quickstart")
 
 
@@ -33,6 +55,8 @@ def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]
         config, items = items[0], items[1:]
     bad = [item for item in items if "=" not in item]
     if bad:
+        from mixgrpo.config import ConfigError
+
         raise ConfigError(f"expected key=value overrides after the config, got {bad}; e.g. train.iterations=10")
     return config, items
 
@@ -41,11 +65,25 @@ def _train(args: argparse.Namespace) -> int:
     from mixgrpo.driver.trainer import train
 
     config, overrides = _split_config_and_overrides(args.items)
-    if args.resume and config is None and args.run_dir is not None and (Path(args.run_dir) / "config.yaml").is_file():
-        config = str(Path(args.run_dir) / "config.yaml")  # resume the run with the config it was started with
-    cfg = load_config(config or "quickstart", overrides)
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
+    if args.resume:  # the run's own config.yaml, whichever way the run directory is named
+        from mixgrpo.driver.resume import finished_line, resume_config, resume_run_dir
+
+        run_dir = resume_run_dir(args.run_dir, config)
+        cfg = resume_config(run_dir, config, overrides)
+        from mixgrpo.driver.trainer import check_resume_config
+
+        check_resume_config(cfg, run_dir)  # a changed setting is refused even when the run is finished
+        done = finished_line(run_dir, cfg)
+        if done is not None:
+            print(done)
+            return 0
+    else:
+        cfg = load_config(config or "quickstart", overrides)
+        run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
     train(cfg, run_dir=run_dir, resume=args.resume)
+    from mixgrpo.results.summary import write_summary
+
+    print("\n".join(write_summary(run_dir)))  # the last lines: what changed, and the files that show it
     return 0
 
 
@@ -60,6 +98,7 @@ def _config(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     from mixgrpo.engine.checkpoint import resolve_checkpoint
     from mixgrpo.driver.trainer import sample_videos
+    from mixgrpo.results.outputs import check_output
 
     config, overrides = _split_config_and_overrides(args.items)
     checkpoint = None
@@ -70,6 +109,7 @@ def _sample(args: argparse.Namespace) -> int:
         if config is None and run_config.is_file():
             config = str(run_config)  # the run's own policy and LoRA settings
     cfg = load_config(config or "quickstart", overrides)
+    check_output(args.out, force=args.force, replaces=None)  # not in a run's folders; a used folder only with --force
     paths = sample_videos(cfg, prompts=args.prompt, checkpoint=checkpoint, out_dir=Path(args.out),
                           num_per_prompt=args.num, seed=args.seed)
     for path in paths:
@@ -115,12 +155,24 @@ CONFIG_HELP = ("CONFIG: a shipped config ({names}) or a YAML file; default quick
                "every key with its value and what it does.")
 
 
+def _top_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    parser = argparse.ArgumentParser(prog="mixgrpo", description="Mix-GRPO post-training for sparse video DiTs")
+    parser.add_argument("--version", action="version", version=f"mixgrpo {_version()}")
+    return parser, parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+
+def light_parser() -> argparse.ArgumentParser:
+    """The commands by name only: enough for --version, --help and a mistyped command, importing nothing heavy."""
+    parser, sub = _top_parser()
+    for name, text in COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mixgrpo.results.report import add_arguments as add_report_arguments
 
-    parser = argparse.ArgumentParser(prog="mixgrpo", description="Mix-GRPO post-training for sparse video DiTs")
-    parser.add_argument("--version", action="version", version=f"mixgrpo {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser, sub = _top_parser()
     config_help = CONFIG_HELP.format(names=", ".join(shipped_configs()))
 
     train = sub.add_parser("train", help="post-train a policy with Mix-GRPO", description=config_help)
@@ -141,11 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a run directory (its newest intact checkpoint is used), its checkpoints/ folder, or "
                              "one checkpoint folder; default: the untrained base")
     sample.add_argument("--out", default="samples", help="output folder (default: samples)")
+    sample.add_argument("--force", action="store_true", help="write into an --out folder that is not empty")
     sample.add_argument("--num", type=positive_int, default=1, help="videos per prompt (default 1)")
     sample.add_argument("--seed", type=int, default=0, help="initial-noise seed of the first video (default 0)")
     sample.set_defaults(func=_sample)
 
-    report = sub.add_parser("report", help="summarise runs: a table in the terminal, plots on disk")
+    report = sub.add_parser("report", help=COMMANDS["report"],
+                            description="Summarise run directories: the reward table in the terminal, and reward "
+                                        "curves, diagnostics, per-prompt tables and the training-sample sheet on "
+                                        "disk (default RUN/report).")
     add_report_arguments(report)
     report.set_defaults(func=_report)
 
@@ -153,7 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export_parser(sub)
 
-    pre = sub.add_parser("toy-pretrain", help="pretrain the toy world's base model (flow matching)")
+    pre = sub.add_parser("toy-pretrain", help=COMMANDS["toy-pretrain"],
+                         description="Pretrain the toy world's base model by flow matching on procedural videos and "
+                                     "noisy captions, and write it as one safetensors file (the shipped base was "
+                                     "made this way).")
     pre.add_argument("--out", default=None, help="safetensors file to write (default: the user cache)")
     pre.add_argument("--steps", type=positive_int, default=None,
                      help="optimizer steps (default: the shipped base's, see policies/toy/pretrain.py)")
@@ -165,7 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in COMMANDS:  # --version, --help, a typo: answered (and exited) without the imports
+        light_parser().parse_args(argv)
     args = build_parser().parse_args(argv)
+    from mixgrpo.config import ConfigError
+
     try:
         return args.func(args)
     except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: the trainer already freed its workers

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
+from mixgrpo import yaml_load
 from policies.wan import WanPolicyConfig
 from mixgrpo.results.tracking import TrackingConfig
 from rewards.ensemble import RewardSpec  # one spec for configs and the scoring service: name, weight, args, backend
@@ -137,7 +138,7 @@ class WindowConfig:
     shift_interval: int = 25
     """tau: iterations between window moves (progressive)."""
     stride: int = 1
-    """s: steps the window moves each time (progressive)."""
+    """s: steps the window moves each time (progressive); >= 1 (window.kind=frozen keeps it in place)."""
     roll_back: bool = True
     """progressive: restart at step 0 after reaching the last step."""
     max_shift_interval: int = 10
@@ -156,7 +157,7 @@ class WindowConfig:
         _require(self.start >= 0, f"window.start must be >= 0, got {self.start}")
         _require(self.shift_interval >= 1, f"window.shift_interval must be >= 1, got {self.shift_interval}")
         _require(0 < self.train_fraction <= 1, f"window.train_fraction must be in (0, 1], got {self.train_fraction}")
-        _require(self.stride >= 0, f"window.stride must be >= 0 (0 freezes the window), got {self.stride}")
+        _require(self.stride >= 1, f"window.stride must be >= 1 (steps per move); for a window that stays put use window.kind=frozen, got {self.stride}")
         _require(1 <= self.min_shift_interval <= self.max_shift_interval,
                  f"window.min_shift_interval ({self.min_shift_interval}) must be in [1, window.max_shift_interval="
                  f"{self.max_shift_interval}]")
@@ -333,6 +334,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require(self.iterations >= 1, f"train.iterations must be >= 1, got {self.iterations}")
+        _require(self.seed >= 0, f"train.seed must be >= 0 (seeds of torch and numpy are unsigned), got {self.seed}")
         _require(self.threads >= 0, f"train.threads must be >= 0 (0: torch's default), got {self.threads}")
         _require(self.num_videos >= 0, f"train.num_videos must be >= 0, got {self.num_videos}")
         _require(_is_device(self.device), f"train.device {self.device!r} is not a device; use auto, cpu, cuda or "
@@ -625,7 +627,7 @@ def _typed_value(raw: str, annotation: Any, where: str) -> Any:
     if not text:
         return ""
     try:
-        value = yaml.safe_load(text)
+        value = yaml_load.safe_load(text, source=f"override {where}", error=ConfigError)
     except yaml.YAMLError as error:
         raise ConfigError(f"override {where}={raw}: not a valid value ({str(error).splitlines()[0]}); quote it or fix "
                           "the brackets") from None
@@ -664,7 +666,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if path is not None:
         path = resolve_config(path)
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml_load.load_file(path, error=ConfigError) or {}
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

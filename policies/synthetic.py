@@ -67,10 +67,12 @@ class LatentDecoder(nn.Module):
 def build_synthetic_policy(*, preset: str = "wan2.1-t2v-1.3b", num_frames: int, height: int, width: int,
                            layout: str = "full", num_full_blocks: int = 8, sparse_ratio: int = 2,
                            dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                           seed: int = 0) -> Policy:
+                           seed: int = 0, overrides: dict | None = None) -> Policy:
     """An ``OSPNextConfig.preset(preset)`` transformer with seeded random weights, for ``num_frames x height x
-    width`` videos (Wan sizes: frames 4n+1, height and width multiples of 16)."""
-    config = OSPNextConfig.preset(preset, layout=layout, num_full_blocks=num_full_blocks, sparse_ratio=sparse_ratio)
+    width`` videos (Wan sizes: frames 4n+1, height and width multiples of 16); ``overrides``: more
+    OSPNextConfig fields."""
+    config = OSPNextConfig.preset(preset, layout=layout, num_full_blocks=num_full_blocks, sparse_ratio=sparse_ratio,
+                                  **(overrides or {}))
     decoder = LatentDecoder(config.in_channels, config.patch_size[1])
     spec = PolicySpec(num_frames=num_frames, height=height, width=width)
     decoder.latent_shape(num_frames, height, width)  # fail on a bad size now, not mid-rollout

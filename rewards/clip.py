@@ -84,14 +84,21 @@ def resolve_arch(arch: str) -> str:
     return arch
 
 
-def load_open_clip(arch: str, checkpoint: str | Path, *, device: torch.device, precision: str, arg: str) -> Any:
-    """Build open_clip ``arch`` with weights from the local ``checkpoint`` file; returns (model, tokenizer)."""
+def load_open_clip(arch: str, checkpoint: str | Path | None, *, device: torch.device, precision: str, arg: str,
+                   seed: int = 0) -> Any:
+    """Build open_clip ``arch`` with weights from the local ``checkpoint`` file (None: seeded random weights, for
+    benchmarks at the real architecture); returns (model, tokenizer)."""
     import open_clip
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    path = require_file(checkpoint, arg)
     name = resolve_arch(arch)
+    if checkpoint is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = open_clip.create_model(name, pretrained=None, precision=precision, device=device)
+        return model.eval().requires_grad_(False), open_clip.get_tokenizer(name)
+    path = require_file(checkpoint, arg)
     model = open_clip.create_model(name, pretrained=str(path), precision=precision, device=device, weights_only=True)
     return model.eval().requires_grad_(False), open_clip.get_tokenizer(name)
 
@@ -104,15 +111,22 @@ class _OpenClipReward(PerFrameReward):
     def __init__(
         self,
         *,
-        checkpoint: str,
+        checkpoint: str | None = None,
         arch: str | None = None,
         precision: str = "fp32",
         num_frames: int = 4,
         name: str | None = None,
         batch_size: int | None = 32,
+        random_init: bool = False,
     ) -> None:
+        """``random_init=True``: seeded random weights instead of ``checkpoint`` (benchmarks: the real
+        architecture's cost, meaningless scores)."""
         super().__init__(num_frames=num_frames, name=name, batch_size=batch_size)
-        require_file(checkpoint, "checkpoint")  # fail at build time, before any actor starts
+        if random_init == (checkpoint is not None):
+            raise ValueError("give exactly one of checkpoint (a local weights file) and random_init=true (seeded "
+                             "random weights, for benchmarks)")
+        if checkpoint is not None:
+            require_file(checkpoint, "checkpoint")  # fail at build time, before any actor starts
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.checkpoint, self.arch, self.precision = checkpoint, arch or self.default_arch, precision

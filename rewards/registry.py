@@ -20,6 +20,7 @@ from collections.abc import Callable
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Literal, TypeVar
 
+from rewards.arg_types import check_arg_types
 from rewards.base import FunctionReward, Reward, TRLReward
 
 ENTRY_POINT_GROUP = "mixgrpo.rewards"
@@ -120,6 +121,7 @@ def check_args(name: str, args: dict[str, Any]) -> None:
         takes = [p for p in signature.parameters if p != "name" and
                  signature.parameters[p].kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
         raise ValueError(f"reward {name!r} cannot take args {sorted(args)}: {error}; it takes {takes}") from None
+    check_arg_types(target, args)  # each value against the constructor's annotation of it (rewards/arg_types.py)
 
 
 def build(name: str, **args: Any) -> Reward:

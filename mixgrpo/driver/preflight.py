@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mixgrpo.config import ConfigError, ExperimentConfig
+from mixgrpo.driver.prompts import check_toy_captions
 
 
 def validate_experiment(cfg: ExperimentConfig) -> list[str]:
@@ -18,6 +19,7 @@ def validate_experiment(cfg: ExperimentConfig) -> list[str]:
     check_rewards(cfg)
     check_device(cfg)
     check_files(cfg)
+    _as_config_error(check_toy_captions, cfg)  # a caption the toy reward cannot parse: refused now, not mid-run
     from mixgrpo.engine.policy_factory import check_parallel_degrees
 
     try:
@@ -28,18 +30,52 @@ def validate_experiment(cfg: ExperimentConfig) -> list[str]:
         from mixgrpo.driver.ray_workers import cluster_fits
 
         cluster_fits(cfg)
+    if cfg.rollout.backend == "ray" or any(spec.backend == "ray" for spec in cfg.rewards):
+        check_gpus(cfg)
     from mixgrpo.results.media import mp4_writer_missing
 
     missing = mp4_writer_missing()
     return [] if missing is None else [f"videos are written as contact sheets only: {missing}"]
 
 
+def check_gpus(cfg: ExperimentConfig) -> None:
+    """Every GPU the run asks for (worker groups and reward actors) fits the cluster's nodes, or ConfigError now."""
+    import ray
+
+    from mixgrpo.driver.placement import check_gpu_placement, gpu_demand
+    from mixgrpo.driver.ray_workers import ensure_ray
+
+    ensure_ray()
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    device = cfg.train.device
+    has_gpus = any(node.get("GPU", 0) for node in nodes)
+    use_gpu = cfg.rollout.backend == "ray" and (device.startswith("cuda") or (device == "auto" and has_gpus))
+    demand = gpu_demand(num_workers=cfg.rollout.num_workers, sp_size=cfg.rollout.sp_size, use_gpu=use_gpu,
+                        reward_specs=cfg.rewards)
+    if demand.total == 0:
+        return
+    try:
+        check_gpu_placement(demand, [node.get("GPU", 0.0) for node in nodes])
+    except RuntimeError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _as_config_error(check, cfg: ExperimentConfig) -> None:
+    try:
+        check(cfg)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
 def check_rewards(cfg: ExperimentConfig) -> None:
+    from rewards.arg_types import ArgTypeError
     from rewards.registry import check_args
 
     for index, spec in enumerate(cfg.rewards):
         try:
             check_args(spec.name, spec.args)
+        except ArgTypeError as error:  # named as the override that sets it: rewards.0.args.colour_sigma
+            raise ConfigError(f"rewards.{index}.{error} (reward {spec.name})") from None
         except (ValueError, ImportError) as error:
             raise ConfigError(f"rewards[{index}] ({spec.name}): {error}") from None
 

@@ -38,7 +38,7 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
         raise ValueError(f"prompts: no such prompt file {str(path)!r}; give a text file with one prompt per line "
                          "or a .jsonl file with one {\"prompt\": ...} object per line")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = read_lines(path)
     except UnicodeDecodeError as error:
         raise ValueError(f"prompts: {str(path)!r} is not UTF-8 text (byte {error.start}); save it as UTF-8") from None
     if path.suffix.lower() == ".jsonl":
@@ -48,6 +48,34 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
     if not prompts:
         raise ValueError(f"prompts: {str(path)!r} holds no prompts; write one prompt per line")
     return prompts
+
+
+def read_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file, with or without a byte-order mark, whatever its line endings (LF, CRLF, CR)."""
+    with open(path, encoding="utf-8-sig", newline=None) as handle:  # newline=None: universal newlines
+        return handle.read().split("\n")
+
+
+def check_toy_captions(cfg: Any) -> None:
+    """Raise ValueError (file, line and the fix) when the ``toy_fidelity`` reward is asked to score a prompt outside
+    the toy grammar: it parses every caption, so a bad line would otherwise fail mid-run, in whichever iteration
+    first draws it."""
+    from policies.toy import world
+
+    if "toy_fidelity" not in [spec.name for spec in cfg.rewards]:
+        return
+    sources = {cfg.prompts.source, cfg.prompts.eval_source, cfg.eval.prompts if cfg.eval.every else None}
+    for source in sorted(s for s in sources if s not in (None, "toy") and Path(s).is_file()):
+        jsonl = Path(source).suffix.lower() == ".jsonl"
+        for number, line in enumerate(read_lines(Path(source)), 1):
+            if not line.strip():
+                continue
+            text = _parse_jsonl_line(line, Path(source), number).text if jsonl else line.strip()
+            try:
+                world.parse_caption(text)
+            except ValueError as error:
+                raise ValueError(f"prompts: {source!r} line {number}: {error} (the toy_fidelity reward scores toy "
+                                 "captions only)") from None
 
 
 def _parse_jsonl_line(line: str, path: Path, number: int) -> Prompt:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import random
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 import yaml
 from tqdm.auto import tqdm
 
+from mixgrpo import yaml_load
 from mixgrpo.algo.advantages import FailureStreak, advantages_from_scores
 from mixgrpo.engine.checkpoint import load_latest_checkpoint, save_checkpoint
 from mixgrpo.config import ConfigError, ExperimentConfig, config_from_dict, dump_config
@@ -27,8 +27,10 @@ from mixgrpo.results.runlog import RunLog, check_config_unchanged
 from mixgrpo.results.tracking import build_trackers, console_line, flatten, stdout_is_terminal, warn_tracker_failure
 from mixgrpo.algo.window import build_window_scheduler
 from mixgrpo.results import media
+from mixgrpo.results.notices import notice
 from mixgrpo.engine.policy_factory import build_policy
 from mixgrpo.driver.preflight import validate_experiment
+from mixgrpo.driver.resume import no_checkpoint_line, resumed_line
 from mixgrpo.driver.prompts import Prompt, field_names, load_prompts, prompt_metadata
 from mixgrpo.engine.worker import LocalWorkers, resolve_device
 from mixgrpo.driver.ray_workers import WorkerFault
@@ -44,7 +46,7 @@ def check_resume_config(cfg: ExperimentConfig, run_dir: Path) -> None:
     if not written.is_file():
         return
     check_config_unchanged(run_dir)
-    stored = yaml.safe_load(written.read_text()) or {}
+    stored = yaml_load.load_file(written) or {}
     try:
         stored = yaml.safe_load(dump_config(config_from_dict(stored)))  # fills in keys newer than the run
     except ConfigError:
@@ -112,8 +114,7 @@ class Trainer:
         try:
             self.mp4 = not notes  # the only note today: no mp4 encoder here
             for note in notes:
-                warnings.warn(note, stacklevel=2)
-                self.log.event("artefact_skipped", message=note)
+                notice(note, log=self.log, kind="artefact_skipped")
             self.workers = self._build_workers()
             self.rewards = self._build_rewards()
             self.failure_streak = FailureStreak(cfg.train.max_failed_iterations)
@@ -304,13 +305,14 @@ class Trainer:
                 raise ValueError(f"--resume: {self.run_dir / 'checkpoints'} holds no intact checkpoint, but the run "
                                  f"logged iterations up to {self.log.last_iteration}; nothing was deleted. Restore a "
                                  "checkpoint, or start a new --run-dir")
-            warnings.warn(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}; starting from iteration 0",
-                          stacklevel=2)
+            notice(no_checkpoint_line(self.run_dir), log=self.log, kind="resume_without_checkpoint")
             return 0
         self.workers.load_checkpoint(ckpt.path)
         torch.set_rng_state(ckpt.objects["rng"]["torch"])
         self.window.load_state_dict(ckpt.state["window"])
+        dropped = self.log.logged_iterations_after(ckpt.iteration - 1)
         self.log.truncate_after(ckpt.iteration - 1)
+        print(resumed_line(ckpt.path, ckpt.iteration, dropped))
         self.log.event("resume", iteration=ckpt.iteration, checkpoint=ckpt.path.name)
         return ckpt.iteration
 
@@ -408,8 +410,7 @@ class Trainer:
             return write(*args, **kwargs)
         except Exception as error:  # noqa: BLE001 -- any failure of an optional file must not stop training
             message = f"could not write the {what}: {type(error).__name__}: {error}"
-            self.log.event("artefact_failed", what=what, error=f"{type(error).__name__}: {error}", message=message)
-            warnings.warn(message, stacklevel=2)
+            notice(message, log=self.log, kind="artefact_failed", what=what, error=f"{type(error).__name__}: {error}")
             return None
 
     def report(self, iteration: int, metrics: dict[str, float]) -> None:

@@ -23,7 +23,7 @@ from typing import Any, Union
 
 import numpy as np
 import pandas as pd
-import yaml
+from mixgrpo import yaml_load
 
 from mixgrpo.results.runlog import CONFIG_FILE, EVENTS_FILE, METRICS_FILE, SAMPLES_FILE, read_parquet
 from mixgrpo.results.tracking import flatten
@@ -43,8 +43,15 @@ class Run:
     events: pd.DataFrame
 
     def video(self, relative: str) -> Path:
-        """Absolute path of a `samples.video_path` entry."""
-        return self.path / relative
+        """Path of a `samples.video_path` entry (stored relative to the run directory, or absolute)."""
+        path = self.path / relative  # an absolute entry stays itself
+        if not path.exists() and not Path(relative).is_absolute():
+            # runs written before paths were made run-relative stored them relative to the working directory
+            # ("runs/x/videos/it..mp4"); the file name still finds the video in this run's videos/
+            moved = self.path / "videos" / Path(relative).name
+            if moved.exists():
+                return moved
+        return path
 
 
 @dataclass(kw_only=True)
@@ -130,7 +137,7 @@ def load_run(path: PathLike, *, name: str | None = None) -> Run:
                 f"{path} is not a run directory: {required} is missing (a run written by mixgrpo train has "
                 f"{CONFIG_FILE}, {METRICS_FILE} and {SAMPLES_FILE}; pass the folder that holds them)"
             )
-    config = yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8")) or {}
+    config = yaml_load.load_file(path / CONFIG_FILE) or {}
     if not isinstance(config, dict):
         raise ValueError(f"{path / CONFIG_FILE} holds a {type(config).__name__}, expected a mapping of settings")
     return Run(

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from mixgrpo.engine.checkpoint import has_ema, read_model_weights, resolve_checkpoint
 from mixgrpo.config import ExperimentConfig, load_config
-from mixgrpo.results.runlog import is_run_directory
+from mixgrpo.results.outputs import check_output
 
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.default\.weight$")
 
@@ -76,14 +76,9 @@ def export(source: str | Path, *, fmt: str, out: Path, ema: bool = True, force: 
     if fmt == "peft" and not cfg.learner.lora.enabled:
         raise ValueError(f"{checkpoint} is a full fine-tune (learner.lora.enabled=false): there is no adapter; "
                          "export the whole transformer with --format diffusers")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give the path of a folder to write")
-    if out.exists() and (is_run_directory(out) or checkpoint.resolve().is_relative_to(out.resolve())):
-        raise ValueError(f"--out {out} is a run directory or holds the exported checkpoint; --force never replaces "
-                         "those: give a new folder")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise ValueError(f"--out {out} exists and is not empty; pick another folder or pass --force to replace it")
+    out = check_output(out, force=force)  # never a run's folders; an existing folder only with --force
+    if checkpoint.resolve().is_relative_to(Path(out).resolve()):
+        raise ValueError(f"--out {out} holds the exported checkpoint; --force never replaces it: give a new folder")
     tmp = out.with_name(f".{out.name}.tmp")  # written whole, then renamed: a failed export leaves --out as it was
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -108,6 +103,7 @@ def _write_peft(cfg: ExperimentConfig, weights: dict[str, torch.Tensor], folder:
     LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=targets, lora_dropout=0.0,
                init_lora_weights="gaussian").save_pretrained(str(folder))
     save_file(adapter, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_model.safetensors").chmod(0o644)  # safetensors writes 0600; the rest of the folder is 0644
 
 
 def _write_diffusers(cfg: ExperimentConfig, checkpoint: Path, folder: Path, *, ema: bool) -> None:
@@ -118,6 +114,7 @@ def _write_diffusers(cfg: ExperimentConfig, checkpoint: Path, folder: Path, *, e
     load_trained_weights(policy.transformer, checkpoint, ema=ema)
     state = {wan_to_diffusers_key(k): v for k, v in merged_state(policy.transformer).items()}
     save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
+    (folder / "diffusion_pytorch_model.safetensors").chmod(0o644)  # safetensors writes 0600, like the files beside it
     (folder / "config.json").write_text(json.dumps(diffusers_config(policy.transformer.config), indent=2))
 
 

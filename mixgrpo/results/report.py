@@ -27,6 +27,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mixgrpo.results import analysis, media, plots
+from mixgrpo.results.outputs import check_output
 from mixgrpo.results.runlog import atomic_path
 
 
@@ -73,7 +74,7 @@ def sample_sheet(run: analysis.Run, path: Path, *, count: int = 3) -> Path | Non
 
 def report_runs(
     paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None = None, *, fraction: float = 0.25,
-    window: int | None = None,
+    window: int | None = None, force: bool = False,
 ) -> dict[str, Any]:
     """Load runs and write the report files.
 
@@ -86,6 +87,7 @@ def report_runs(
     """
     runset = analysis.load_runs(list(paths))
     out = Path(out_dir) if out_dir is not None else default_out_dir([Path(p) for p in paths])
+    check_output(out, force=force, replaces=report_file_names(runset))  # never a run's files; old reports: --force
     out.mkdir(parents=True, exist_ok=True)
     summary = pd.DataFrame([analysis.summarize(r, fraction=fraction) for r in runset.runs])
     with atomic_path(out / "summary.csv") as tmp:
@@ -108,10 +110,20 @@ def report_runs(
     return {"summary": summary, "out_dir": out, "files": files, "varying": runset.varying, "events": events}
 
 
+def report_file_names(runset: analysis.RunSet) -> list[str]:
+    """Every file name :func:`report_runs` may write for ``runset``."""
+    names = ["summary.csv", "reward_curves.png", "diagnostics.png"]
+    for run in runset.runs:
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", run.name)
+        names += [f"{stem}_{part}" for part in ("prompts.csv", "prompts.png", "window.png", "samples.png")]
+    return names
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The arguments of `mixgrpo report` (shared by this module's parser and the `mixgrpo` command line)."""
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories (config.yaml, metrics.parquet, ...)")
     parser.add_argument("--out", default=None, help="folder for plots and tables (default: RUN/report)")
+    parser.add_argument("--force", action="store_true", help="write over the files of an earlier report in --out")
     parser.add_argument("--fraction", type=float, default=0.25,
                         help="share of iterations averaged for the first/last reward (default 0.25)")
     parser.add_argument("--window", type=int, default=None, help="rolling-mean width in iterations (default n/10)")
@@ -131,11 +143,20 @@ def run(args: argparse.Namespace) -> int:
     """`mixgrpo report` on parsed arguments."""
     console = Console()
     try:
-        result = report_runs(args.runs, args.out, fraction=args.fraction, window=args.window)
-    except ValueError as err:
+        result = report_runs(args.runs, args.out, fraction=args.fraction, window=args.window,
+                             force=getattr(args, "force", False))
+    except (ValueError, OSError) as err:
         print(f"mixgrpo report: error: {err}", file=sys.stderr)
         return 2
     console.print(summary_table(result["summary"], args.fraction))
+    from mixgrpo.results.summary import run_summary, summary_lines
+
+    for path in args.runs:  # what each run did, as `mixgrpo train` said at its end
+        lines = summary_lines(run_summary(path))
+        if lines:
+            console.print(f"{path}:", highlight=False, soft_wrap=True)
+            for line in lines:
+                console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
     for name, counts in result["events"].items():
         console.print(f"events in {name}: " + ", ".join(f"{n} {kind}" for kind, n in counts.items()), highlight=False)
     if result["varying"]:

@@ -362,13 +362,17 @@ class RunLog:
         self._write_eval()
 
     def _relative_video(self, path: str | os.PathLike) -> str:
+        # A relative path is relative to the working directory (as every path the caller holds, e.g. one from
+        # `video_path` under a relative --run-dir); it is stored relative to the run directory when inside it,
+        # else absolute, so a reader never depends on where the run was started from.
         path = os.fspath(path)
-        if not path or not os.path.isabs(path):
+        if not path:
             return path
+        resolved = Path(path).resolve()
         try:
-            return Path(path).resolve().relative_to(self.run_dir.resolve()).as_posix()
+            return resolved.relative_to(self.run_dir.resolve()).as_posix()
         except ValueError:
-            return path
+            return str(resolved)
 
     def event(self, kind: str, **fields: Any) -> None:
         """Append `{"time", "kind", **fields}` to events.jsonl (faults, warnings, resumes); one write per line."""
@@ -385,6 +389,10 @@ class RunLog:
         iteration = _iteration(iteration, "video_path iteration")
         index = _iteration(index, "video_path index")
         return self.run_dir / "videos" / f"it{iteration:06d}_{slugify(prompt)}_{index:02d}.mp4"
+
+    def logged_iterations_after(self, iteration: int) -> list[int]:
+        """The metrics rows' iterations after `iteration` (what `truncate_after(iteration)` would drop)."""
+        return [int(r["iteration"]) for r in self._metric_rows if r["iteration"] > iteration]
 
     def truncate_after(self, iteration: int) -> None:
         """Drop metric and sample rows with iteration > `iteration` (the resumed checkpoint's), and their videos."""

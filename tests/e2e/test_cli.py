@@ -95,3 +95,26 @@ def test_python_dash_m_runs_the_same_command_line():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "iterations: 3  # " in done.stdout
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["trian"]])
+def test_version_help_and_a_typo_answer_without_the_heavy_imports(argv):
+    import time
+
+    code = ("import sys, runpy; sys.argv = ['mixgrpo', *sys.argv[1:]]\n"
+            "try:\n    runpy.run_module('mixgrpo', run_name='__main__')\n"
+            "except SystemExit as done:\n"
+            "    heavy = [m for m in ('transformers', 'diffusers', 'torch') if m in sys.modules]\n"
+            "    print('HEAVY', heavy, done.code)\n")
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
+    elapsed = time.perf_counter() - start
+    assert "HEAVY [] " in done.stdout, done.stdout + done.stderr
+    assert elapsed < 3, f"mixgrpo {' '.join(argv)} took {elapsed:.1f} s"
+
+
+@pytest.mark.parametrize("command", ["report", "toy-pretrain"])
+def test_report_and_toy_pretrain_help_say_what_they_do(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert len(capsys.readouterr().out.split("\n\n")[1]) > 40  # a description paragraph after the usage

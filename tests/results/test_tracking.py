@@ -155,7 +155,7 @@ def test_wandb_offline_run_records_every_iteration(tracked_run):
 def test_mlflow_file_store_run_records_every_iteration(tracked_run):
     run_dir, run, backends = tracked_run
     if "mlflow" not in backends:
-        pytest.skip("mlflow is not installed (pip install 'mixgrpo[mlflow]')")
+        pytest.skip("mlflow is not installed (pip install 'mixgrpo[trackers]')")
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=(run_dir / "mlruns").resolve().as_uri())
@@ -172,7 +172,7 @@ def test_metric_names_mlflow_would_reject_are_mapped_and_logged(tracked_run, tmp
     """Reward names come from plugins and may hold characters MLflow rejects; the mapping is checked by MLflow's own
     validator and by logging a real metrics row with such names to a real file store."""
     if importlib.util.find_spec("mlflow") is None:
-        pytest.skip("mlflow is not installed (pip install 'mixgrpo[mlflow]')")
+        pytest.skip("mlflow is not installed (pip install 'mixgrpo[trackers]')")
     import mlflow
     from mlflow.utils.validation import _validate_metric_name
 
