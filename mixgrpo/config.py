@@ -241,11 +241,18 @@ class LearnerConfig:
     sharding: Literal["none", "fsdp"] = "none"
     """``fsdp``: parameters, gradients and Adam state sharded over every rank (FSDP2), for full fine-tuning of
     models whose weights and optimizer state do not fit one GPU; ``none``: every rank holds a full copy."""
+    reuse_rollout_uncond: bool = False
+    """Keep each SDE step's CFG uncond velocity from the rollout and reuse it at the first optimizer step instead
+    of a second forward (the weights are still the sampling ones there; exact up to fp32 round-off). Off by
+    default: it holds one latent-sized tensor per SDE step per sample until the update, and it is exact only when
+    the rollout and the update compute the uncond branch alike (same dtype/autocast, no dropout)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
             self.lora = _build(LoraConfig, self.lora, "learner.lora")
+        _require(isinstance(self.reuse_rollout_uncond, bool),
+                 f"learner.reuse_rollout_uncond must be true or false, got {self.reuse_rollout_uncond!r}")
         self.betas = tuple(self.betas)  # YAML gives lists
         _require(self.lr > 0, f"learner.lr must be > 0, got {self.lr}")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),

@@ -10,6 +10,12 @@ median of ``--iters`` forwards measured with CUDA events. ``--profile`` adds one
 attention kernels, Skiparse rearrangement copies, linears and RoPE (CUDA events around each call; the rest is
 norms, modulation, casts and the head). ``--device cpu --tiny`` runs a small model for smoke tests.
 
+``--compile-from-policy`` times each row twice in one process on the same weights: eager, then after
+``policies.compile.apply_compile`` (the training path's regional compile, not this script's ``--compile``), and
+prints one JSON line per (row, compile). ``--layouts osp-next`` skips the full-attention layout:
+
+    PYTHONPATH=$PWD python experiments/bench/dit_speed.py --resolutions 720p --layouts osp-next --compile-from-policy
+
     PYTHONPATH=$PWD python experiments/bench/dit_speed.py --iters 3
 """
 
@@ -33,6 +39,7 @@ from policies.osp_next import OSPNext, OSPNextConfig, SequencePlan
 RESOLUTIONS = {"720p": (21, 90, 160), "768p": (21, 96, 160)}
 TINY_RESOLUTIONS = {"720p": (3, 18, 16), "768p": (3, 16, 16)}  # padded / native grid, like the real ones
 HYBRID = dict(layout="dual_end", num_full_blocks=8, sparse_ratio=2)
+LAYOUTS = {"full": dict(layout="full"), "osp-next": HYBRID}
 
 
 class Clock:
@@ -220,17 +227,27 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--backend", default="auto", help="attention backend (auto, flash, varlen, sdpa, math)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every block")
+    parser.add_argument("--compile-from-policy", action="store_true",
+                        help="eager, then policies.compile.apply_compile, in one process (one JSON line each)")
+    parser.add_argument("--compile-backend", default="inductor", help="apply_compile's backend (tests: eager)")
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     parser.add_argument("--profile", action="store_true", help="one extra forward per row, split by category")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
     if args.compile and args.profile:
         parser.error("--profile times eager calls; run it without --compile")
+    if args.compile and args.compile_from_policy:
+        parser.error("--compile-from-policy compiles through policies.compile itself; drop --compile")
 
     device = torch.device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     clock = Clock(device)
     kernels = attention_kernels(device, dtype, clock) if device.type == "cuda" and not args.tiny else {}
     model = build_model(args, device, dtype)
+    if args.compile_from_policy:
+        rows = eager_vs_policy_compile(model, args, device, dtype, clock)
+        report(rows, args, device, kernels)
+        return
     try:
         rows = run_rows(model, args, device, dtype, clock)
     except Exception as err:  # noqa: BLE001  (a compile failure must not cost the eager numbers)
@@ -252,7 +269,8 @@ def run_rows(model: OSPNext, args: argparse.Namespace, device: torch.device, dty
     for resolution in args.resolutions:
         inputs = make_inputs(model.config, shapes[resolution], device, dtype)
         grid = model.patch_grid(inputs[0])
-        for name, layout in (("full", dict(layout="full")), ("osp-next", HYBRID)):
+        for name in args.layouts:
+            layout = LAYOUTS[name]
             model.set_layout(**layout)
             times = time_forward(model, inputs, clock, args.warmup, args.iters)
             row = dict(resolution=resolution, layout=name, grid=list(grid), tokens=grid[0] * grid[1] * grid[2],
@@ -266,6 +284,25 @@ def run_rows(model: OSPNext, args: argparse.Namespace, device: torch.device, dty
     return rows
 
 
+def eager_vs_policy_compile(model: OSPNext, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+                            clock: Clock) -> list[dict[str, Any]]:
+    """Every row eager, then every row after the training path's ``apply_compile``; one JSON line per row."""
+    from policies.compile import apply_compile
+
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    rows = []
+    for mode in ("eager", "policy"):
+        if mode == "policy":
+            stats = apply_compile(model, backend=args.compile_backend)
+        for row in run_rows(model, args, device, dtype, clock):
+            row["compile"] = mode
+            if mode == "policy":
+                row["compile_s"] = stats.seconds
+            rows.append(row)
+            print(json.dumps(dict(card=card, **{k: v for k, v in row.items() if k != "profile_s"})), flush=True)
+    return rows
+
+
 def report(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.device,
            kernels: dict[str, Any]) -> None:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -273,9 +310,11 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.d
           f"compile={args.compile}, backend={args.backend}, warmup={args.warmup}, iters={args.iters}")
     print("| resolution | grid (T x H x W) | full attention (s) | OSP-Next hybrid (s) | speedup |")
     print("|---|---|---|---|---|")
-    by_key = {(r["resolution"], r["layout"]): r for r in rows}
+    by_key = {(r["resolution"], r["layout"]): r for r in rows if r.get("compile", "eager") == "eager"}
     summary = []
     for resolution in args.resolutions:
+        if (resolution, "full") not in by_key or (resolution, "osp-next") not in by_key:
+            continue
         full, hybrid = by_key[(resolution, "full")], by_key[(resolution, "osp-next")]
         ratio = full["median_s"] / hybrid["median_s"]
         summary.append(dict(resolution=resolution, speedup=ratio))

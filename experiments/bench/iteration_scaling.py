@@ -17,6 +17,11 @@ every rank. NCCL kernels count as busy (as nvidia-smi would), including time the
         --steps 12 --window 4 --config osp_next_14b_hif8_videoalign                 # the 14B baseline setup
     python experiments/bench/iteration_scaling.py --device cpu --tiny --gpus 2,1    # smoke test (CPU, gloo)
 
+Positional ``key=value`` arguments are config overrides applied last (they win over the ones the script sets),
+e.g. ``policy.compile=true policy.quantization=hif8`` (or ``fp8``); each row records the compile and quantization
+it ran with. MFU per phase (``perf/mfu/rollout``, ``perf/mfu/update``) is printed where the trainer's metrics row
+has it, else from ``policies.osp_next.flops`` where that module exists, else as ``-``.
+
 Joins the cluster in RAY_ADDRESS when set, else starts a local Ray instance. One JSON line per row, then a table.
 """
 
@@ -98,6 +103,32 @@ def _peak_memory(actor) -> dict[str, float]:
             "reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
 
 
+MFU_KEYS = ("perf/mfu/rollout", "perf/mfu/update")
+
+
+def phase_mfu(rows: list[dict], cfg, gpus: int) -> dict[str, float | None]:
+    """Median MFU per phase: the trainer's own metric where it logs one, else from the model's FLOP count."""
+    out: dict[str, float | None] = {}
+    for key in MFU_KEYS:
+        values = [m[key] for m in rows if m.get(key) is not None]
+        out[key] = statistics.median(values) if values else None
+    if all(v is not None for v in out.values()):
+        return out
+    try:
+        from policies.osp_next import flops as model_flops  # not every checkout has the FLOP counter
+    except ImportError:
+        return out
+    phase_flops = getattr(model_flops, "iteration_phase_flops", None)
+    peak = getattr(model_flops, "peak_flops_per_second", None)
+    if phase_flops is None or peak is None:
+        return out
+    per_phase = phase_flops(cfg)  # {"rollout": FLOPs, "update": FLOPs} of one iteration
+    for phase, key in zip(("rollout", "update"), MFU_KEYS):
+        if out[key] is None and phase in per_phase:
+            out[key] = per_phase[phase] / (statistics.median(m[f"time/{phase}"] for m in rows) * gpus * peak())
+    return out
+
+
 def run_row(args, gpus: int, prompts_file: Path, out_dir: Path) -> dict:
     import ray
 
@@ -125,6 +156,7 @@ def run_row(args, gpus: int, prompts_file: Path, out_dir: Path) -> dict:
     finally:
         trainer.close()
     timed = sum(walls)
+    mfu = phase_mfu(rows, cfg, gpus)
     busy_share = None if None in busy else sum(busy) / (len(busy) * timed)
     return {
         "gpus": gpus, "workers": gpus // args.sp, "sp": args.sp, "seconds_per_iteration": statistics.median(walls),
@@ -135,6 +167,8 @@ def run_row(args, gpus: int, prompts_file: Path, out_dir: Path) -> dict:
         "peak_allocated_gib": max(m["allocated_gib"] for m in memory),
         "peak_reserved_gib": max(m["reserved_gib"] for m in memory),
         "world_size": rows[-1]["learner/world_size"], "ratio_first_step": rows[-1]["ratio/first_step"],
+        "mfu_rollout": mfu["perf/mfu/rollout"], "mfu_update": mfu["perf/mfu/update"],
+        "compile": cfg.policy.compile, "quantization": cfg.policy.quantization,
         "startup_s": startup, "videos": args.prompts * args.group, "preset": args.preset,
         "video": f"{args.frames}x{args.height}x{args.width}", "steps": args.steps, "window": args.window,
     }
@@ -202,13 +236,15 @@ def print_table(rows: list[dict]) -> None:
     print(f"preset={first['preset']} video={first['video']} steps={first['steps']} window={first['window']} "
           f"videos/iteration={first['videos']}")
     print(f"{'GPUs':>4} {'groups x sp':>11} {'s/iter':>8} {'vs 1 GPU':>8} {'rollout':>8} {'reward':>7} {'update':>7} "
-          f"{'busy':>6} {'peak GiB':>8}")
+          f"{'busy':>6} {'peak GiB':>8} {'MFU roll':>8} {'MFU upd':>7}  compile/quant")
     for r in rows:
         busy = "-" if r["busy_share"] is None else f"{100 * r['busy_share']:.0f}%"
+        mfu = ["-" if r.get(k) is None else f"{100 * r[k]:.1f}%" for k in ("mfu_rollout", "mfu_update")]
         speedup = base["seconds_per_iteration"] / r["seconds_per_iteration"] if base["gpus"] == 1 else float("nan")
         print(f"{r['gpus']:>4} {r['workers']:>5} x {r['sp']:<3} {r['seconds_per_iteration']:>8.2f} {speedup:>7.2f}x "
               f"{r['rollout_s']:>8.2f} {r['reward_s']:>7.2f} {r['update_s']:>7.2f} {busy:>6} "
-              f"{r['peak_allocated_gib']:>8.1f}")
+              f"{r['peak_allocated_gib']:>8.1f} {mfu[0]:>8} {mfu[1]:>7}  "
+              f"{r.get('compile', '-')}/{r.get('quantization', '-')}")
 
 
 if __name__ == "__main__":

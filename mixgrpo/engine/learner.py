@@ -225,7 +225,7 @@ class Learner:
                     continue
                 step, rows = terms[n]
                 # Before the first optimizer step the weights are the sampling ones: the rollout's uncond is reusable.
-                out = self._micro_step(batch, step, rows, scale=rows.numel() / trained, reuse_uncond=index == 0)
+                out = self._micro_step(batch, step, rows, scale=rows.numel() / trained, reuse_uncond=index == 0 and self.cfg.reuse_rollout_uncond)
                 sums["terms"] += 1
                 for key in STAT_KEYS:
                     sums[key] += out[key]

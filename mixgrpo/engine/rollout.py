@@ -90,8 +90,10 @@ def text_states(policy: Policy, prompts: list[str], device: torch.device) -> tup
 class LocalRolloutEngine:
     """Samples in this process with the policy it is given (the learner's own weights in the local backend)."""
 
-    def __init__(self, policy: Policy, sampler_cfg: SamplerConfig, *, device: torch.device, batch_groups: int) -> None:
+    def __init__(self, policy: Policy, sampler_cfg: SamplerConfig, *, device: torch.device, batch_groups: int,
+                 keep_uncond: bool = False) -> None:
         self.policy = policy
+        self.keep_uncond = keep_uncond  # store the CFG uncond velocity of SDE steps (learner.reuse_rollout_uncond)
         self.cfg = sampler_cfg
         self.device = device
         self.batch_groups = max(1, batch_groups)
@@ -123,6 +125,7 @@ class LocalRolloutEngine:
                 group_seeds=part.group_seeds,
                 device=self.device,
                 dtype=self.model_dtype,
+                keep_uncond=self.keep_uncond,
             )
             videos.append(self.policy.decode(traj.latents).float().cpu())
             chunks.append(traj)

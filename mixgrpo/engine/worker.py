@@ -14,6 +14,7 @@ both through :class:`WorkerSet`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 
@@ -90,7 +91,8 @@ class PolicyWorker:
         self.learner = Learner(self.policy.transformer, cfg.learner, cfg.sampler, autocast=self._autocast,
                                reference=reference, grad_group=grad_group)
         self.engine = LocalRolloutEngine(self.policy, cfg.sampler, device=device,
-                                         batch_groups=max(1, cfg.rollout.batch_size // cfg.rollout.group_size))
+                                         batch_groups=max(1, cfg.rollout.batch_size // cfg.rollout.group_size),
+                                         keep_uncond=cfg.learner.reuse_rollout_uncond)
         self.batch: UpdateBatch | None = None
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -115,6 +117,9 @@ class PolicyWorker:
         with self._full_parameters():
             result = self.engine.rollout(request)
         self.batch = UpdateBatch(trajectory=result.trajectory, advantages_B=torch.zeros(0))
+        if result.trajectory.uncond_velocity is not None:  # only this rank's update needs it, not the driver
+            result = dataclasses.replace(result, trajectory=dataclasses.replace(result.trajectory,
+                                                                                uncond_velocity=None))
         return result
 
     def update(self, advantages_B: torch.Tensor, plan: UpdatePlan, share: tuple[int, int]) -> UpdateStats:
