@@ -108,6 +108,13 @@ class _OpenClipReward(PerFrameReward):
 
     default_arch = "ViT-H-14"
 
+    @staticmethod
+    def check_arg_combination(args: dict) -> None:
+        """Called by ``rewards.registry.check_args`` before anything loads, and by the constructor."""
+        if bool(args.get("random_init", False)) == (args.get("checkpoint") is not None):
+            raise ValueError("give exactly one of checkpoint (a local weights file) and random_init=true (seeded "
+                             "random weights, for benchmarks)")
+
     def __init__(
         self,
         *,
@@ -122,9 +129,7 @@ class _OpenClipReward(PerFrameReward):
         """``random_init=True``: seeded random weights instead of ``checkpoint`` (benchmarks: the real
         architecture's cost, meaningless scores)."""
         super().__init__(num_frames=num_frames, name=name, batch_size=batch_size)
-        if random_init == (checkpoint is not None):
-            raise ValueError("give exactly one of checkpoint (a local weights file) and random_init=true (seeded "
-                             "random weights, for benchmarks)")
+        self.check_arg_combination({"checkpoint": checkpoint, "random_init": random_init})
         if checkpoint is not None:
             require_file(checkpoint, "checkpoint")  # fail at build time, before any actor starts
         if precision not in PRECISIONS:

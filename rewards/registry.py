@@ -122,6 +122,9 @@ def check_args(name: str, args: dict[str, Any]) -> None:
                  signature.parameters[p].kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
         raise ValueError(f"reward {name!r} cannot take args {sorted(args)}: {error}; it takes {takes}") from None
     check_arg_types(target, args)  # each value against the constructor's annotation of it (rewards/arg_types.py)
+    rule = getattr(source, "check_arg_combination", None)  # rules between arguments that a signature cannot say
+    if callable(rule):
+        rule(args)
 
 
 def build(name: str, **args: Any) -> Reward:

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from mixgrpo.engine.learner import adapters_disabled, apply_lora
+from policies.lora import adapters_disabled, apply_lora
 from mixgrpo.engine.mfu import current_device_name, mfu_metrics, peak_flops
 from policies.osp_next.flops import rollout_flops, update_flops
 from policies.realsize import build_realsize_policy

@@ -66,8 +66,8 @@ BAD_VALUES = [
     ("name=../..", "name '../..' must be letters, digits, '.', '_' or '-'"),
     ("policy.weights=/nonexistent/toy.safetensors", "policy.weights: no such file '/nonexistent/toy.safetensors'"),
     ("rewards=[{name: no_such_reward}]", "rewards[0] (no_such_reward): unknown reward 'no_such_reward'; available:"),
-    ("rewards=[{name: clip_score}]", "rewards[0] (clip_score): reward 'clip_score' cannot take args []: missing a "
-                                     "required argument: 'checkpoint'"),
+    ("rewards=[{name: clip_score}]", "rewards[0] (clip_score): give exactly one of checkpoint (a local weights file) "
+                                     "and random_init=true"),
     ("rewards=[{name: toy_fidelity, args: {bogus: 1}}]", "got an unexpected keyword argument 'bogus'"),
     ("prompts.source=nope.txt", "prompts.source: no such prompt file 'nope.txt'; give a text file"),
     ("learner.sharding=fsdp", "learner.sharding=fsdp shards over the ranks of the Ray worker groups; set "
