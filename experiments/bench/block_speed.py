@@ -27,11 +27,15 @@ import argparse
 import json
 import statistics
 import time
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dit_speed import Clock  # noqa: E402  (the one CUDA-event / perf_counter clock of the benchmarks)
 from policies.osp_next import OSPNextConfig, SequencePlan, SparseGeometry
 from policies.osp_next.layout import repeat_per_subsequence, sparse_position_tables
 from policies.osp_next.model import OSPNextBlock
@@ -117,24 +121,6 @@ def block_flops(config: OSPNextConfig, kind: str, grid: tuple[int, int, int]) ->
     return float(linears + self_attn + 4 * n * L * d)
 
 
-class Clock:
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def mark(self) -> Any:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def ms(self, start: Any, end: Any) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return start.elapsed_time(end)
-        return (end - start) * 1000.0
-
-
 def time_ms(fn, clock: Clock, warmup: int, iters: int) -> list[float]:
     for _ in range(warmup):
         fn()
@@ -142,7 +128,9 @@ def time_ms(fn, clock: Clock, warmup: int, iters: int) -> list[float]:
     for _ in range(iters):
         start = clock.mark()
         fn()
-        times.append(clock.ms(start, clock.mark()))
+        end = clock.mark()
+        clock.sync()
+        times.append(clock.seconds(start, end) * 1000.0)
     return times
 
 
