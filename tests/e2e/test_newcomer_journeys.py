@@ -13,6 +13,8 @@ from nbclient import NotebookClient
 from mixgrpo.cli import main
 from mixgrpo.results.analysis import load_run
 
+from clone_runs import copy_into_clone, train_in_clone
+
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["sampler.num_steps=4", "window.size=2", "window.shift_interval=1", "rollout.prompts_per_iteration=2",
         "rollout.group_size=2", "train.num_videos=1", "learner.optimizer_steps=1", "learner.micro_batch_size=4",
@@ -22,24 +24,13 @@ TINY = ["sampler.num_steps=4", "window.size=2", "window.shift_interval=1", "roll
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A two-iteration toy run trained with the relative `--run-dir runs/quickstart` (trained once per module)."""
-    # one level down: tests elsewhere check that no test folder gained a runs/ by mistake
-    root = tmp_path_factory.mktemp("trained") / "clone"
-    root.mkdir()
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        assert main(["train", *TINY, "train.iterations=2", "--run-dir", "runs/quickstart"]) == 0
-    finally:
-        os.chdir(cwd)
-    return root / "runs" / "quickstart"
+    return train_in_clone(tmp_path_factory, [*TINY, "train.iterations=2", "--run-dir", "runs/quickstart"])
 
 
 @pytest.fixture
 def relative_run(trained, tmp_path, monkeypatch):
     """A copy of the trained run at CLONE/runs/quickstart, with the working directory at CLONE (under tmp_path)."""
-    shutil.copytree(trained, tmp_path / "clone" / "runs" / "quickstart")
-    monkeypatch.chdir(tmp_path / "clone")
-    return tmp_path / "clone"
+    return copy_into_clone(trained, tmp_path, monkeypatch)
 
 
 def test_a_relative_run_dir_stores_run_relative_video_paths_that_load_run_opens(relative_run):

@@ -9,6 +9,8 @@ import pytest
 from mixgrpo.cli import main
 from mixgrpo.results.analysis import load_run
 
+from clone_runs import copy_into_clone, train_in_clone
+
 TINY = ["sampler.num_steps=4", "window.size=2", "window.shift_interval=1", "rollout.prompts_per_iteration=2",
         "rollout.group_size=2", "train.num_videos=0", "learner.optimizer_steps=1", "learner.micro_batch_size=4",
         "train.device=cpu", "train.threads=1", "train.checkpoint_every=1", "train.keep_checkpoints=5"]
@@ -17,25 +19,12 @@ TINY = ["sampler.num_steps=4", "window.size=2", "window.shift_interval=1", "roll
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 2-iteration quickstart run in the default run directory (runs/quickstart), trained once."""
-    import os
-
-    # one level down: tests elsewhere check that no test folder gained a runs/ by mistake
-    root = tmp_path_factory.mktemp("trained") / "clone"
-    root.mkdir()
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        assert main(["train", *TINY, "train.iterations=2"]) == 0
-    finally:
-        os.chdir(cwd)
-    return root / "runs" / "quickstart"
+    return train_in_clone(tmp_path_factory, [*TINY, "train.iterations=2"])
 
 
 @pytest.fixture
 def clone(trained, tmp_path, monkeypatch):
-    shutil.copytree(trained, tmp_path / "clone" / "runs" / "quickstart")
-    monkeypatch.chdir(tmp_path / "clone")
-    return tmp_path / "clone"
+    return copy_into_clone(trained, tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("where", [[], ["--run-dir", "runs/quickstart"]])
