@@ -19,6 +19,7 @@ def validate_experiment(cfg: ExperimentConfig) -> list[str]:
     check_rewards(cfg)
     check_device(cfg)
     check_files(cfg)
+    check_optional_packages(cfg)
     _as_config_error(check_toy_captions, cfg)  # a caption the toy reward cannot parse: refused now, not mid-run
     from mixgrpo.engine.policy_factory import check_parallel_degrees
 
@@ -78,6 +79,15 @@ def check_rewards(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"rewards.{index}.{error} (reward {spec.name})") from None
         except (ValueError, ImportError) as error:
             raise ConfigError(f"rewards[{index}] ({spec.name}): {error}") from None
+
+
+def check_optional_packages(cfg: ExperimentConfig) -> None:
+    """An optional extra the config needs is installed: refused before the run directory exists, not mid-build."""
+    import importlib.util
+
+    if cfg.policy.quantization == "fp8" and importlib.util.find_spec("torchao") is None:
+        raise ConfigError("policy.quantization=fp8 needs torchao: pip install 'mixgrpo[fp8]', or set "
+                          "policy.quantization=none or hif8")
 
 
 def check_device(cfg: ExperimentConfig) -> None:

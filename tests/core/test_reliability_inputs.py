@@ -158,3 +158,18 @@ def test_resume_without_a_checkpoint_is_one_line_and_an_event(tmp_path):
     assert status == 0 and line in err.splitlines() and "UserWarning" not in err and ".py:" not in err, err
     kinds = [json.loads(l)["kind"] for l in (run_dir / "events.jsonl").read_text().splitlines()]
     assert "resume_without_checkpoint" in kinds
+
+
+def test_fp8_without_torchao_is_refused_before_the_run_directory_exists(tmp_path, capsys):
+    import importlib.util
+
+    from mixgrpo.cli import main
+
+    if importlib.util.find_spec("torchao") is not None:
+        pytest.skip("torchao is installed here: the refusal cannot happen")
+    run_dir = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run_dir), "policy.quantization=fp8", "train.iterations=1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "mixgrpo: config error: policy.quantization=fp8 needs torchao: pip install 'mixgrpo[fp8]', or set "
+        "policy.quantization=none or hif8"]
+    assert not run_dir.exists()
